@@ -1,0 +1,157 @@
+"""The ``cls-ray`` command: parse arguments, load the config, call one stage function. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cls_ray.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from cls_ray.data.ingest import ingest
+
+    overrides = list(args.overrides) + (["ingest.overwrite=true"] if args.overwrite else [])
+    cfg = load_config(args.config, overrides)
+    ingest(args.src, args.dest, cfg.ingest)
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from cls_ray.data.fashion_mnist import write_fashion_mnist
+
+    write_fashion_mnist(args.dest, source_dir=args.source, limit_per_class=args.limit_per_class)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cls_ray.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(args.data, cfg)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cls_ray.evaluate import evaluate
+
+    evaluate(args.model, args.data, split=args.split, output_dir=args.output, batch_size=args.batch_size)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from cls_ray.tune.tuner import tune
+
+    overrides = list(args.overrides) + ([f"tune.space={args.space}"] if args.space else [])
+    cfg = load_config(args.config, overrides)
+    tune(args.data, cfg)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cls_ray.serve.app import serve_model, write_serve_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.write_config:
+        write_serve_config(args.model, cfg.serve, args.write_config)
+        return 0
+    serve_model(args.model, cfg.serve, blocking=not args.detach)
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from cls_ray.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    run_pipeline(cfg)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cls_ray.pipeline import run_demo
+
+    run_demo(workdir=args.workdir, overrides=args.overrides, keep_serving=args.keep_serving)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cls-ray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="validate class folders and write Parquet shards + manifest.json")
+    p.add_argument("src", help="class folders: local dir or s3://bucket/prefix")
+    p.add_argument("dest", help="dataset output: local dir or s3://bucket/prefix")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at DEST")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("datasets", help="write a built-in real dataset as class folders")
+    p.add_argument("name", choices=["fashion-mnist"])
+    p.add_argument("dest")
+    p.add_argument("--source", help="directory holding the IDX .gz files (default: the Debian package's)")
+    p.add_argument("--limit-per-class", type=int, default=None, help="write at most N images per class and split")
+    p.set_defaults(func=_cmd_datasets)
+
+    p = sub.add_parser("train", help="distributed training on Ray Train")
+    p.add_argument("--data", required=True, help="dataset URI (holds manifest.json)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model package on a dataset split")
+    p.add_argument("model", help="model package URI")
+    p.add_argument("data", help="dataset URI")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--output", default=None, help="where to write metrics (default: MODEL/eval-SPLIT)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("tune", help="architecture + hyperparameter search (Ray Tune, Optuna, ASHA)")
+    p.add_argument("--data", required=True, help="dataset URI")
+    p.add_argument("--space", default=None, help="search space YAML (default: tune.space)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("serve", help="serve a model package with Ray Serve")
+    p.add_argument("model", help="model package URI")
+    p.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+    p.add_argument("--write-config", metavar="FILE", help="write a Serve config YAML for `serve deploy` and exit")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("pipeline", help="run the whole chain from one config file")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("demo", help="the whole chain on Fashion-MNIST")
+    p.add_argument("--workdir", default="demo_output")
+    p.add_argument("--keep-serving", action="store_true", help="leave the model served and print its URL")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"cls-ray {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        # Every user-facing error type of cls-ray (StorageError, IngestError, PackageError...) is one of these.
+        print(f"cls-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

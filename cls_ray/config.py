@@ -1,0 +1,419 @@
+"""Typed configuration: nested dataclasses loaded from YAML, with ``--set section.key=value`` overrides.
+
+Each stage reads its own section. A key the dataclass does not have, or a value of the wrong type, raises
+:class:`ConfigError` naming the key and the file it came from. Each section validates its own values in
+``__post_init__`` (torchtitan's pattern) and names the key to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the key, the source and what to do."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class IngestConfig:
+    """How class folders become dataset shards."""
+
+    val_fraction: float = 0.15
+    """Fraction of each class put in the validation split (ignored for an already split tree)."""
+    test_fraction: float = 0.15
+    """Fraction of each class put in the test split."""
+    seed: int = 0
+    """Seed of the stratified split; the same input and seed give a byte-identical manifest."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels are refused as possible decompression bombs."""
+    max_side: int = 512
+    """JPEG/PNG files up to this side are kept byte for byte; larger or other formats are resized and re-encoded."""
+    jpeg_quality: int = 90
+    """Quality of re-encoded JPEGs."""
+    shard_size_mb: int = 128
+    """Target size of one Parquet shard."""
+    num_workers: int = 0
+    """Parallel decode workers; 0 means one per CPU core."""
+    min_images_per_class: int = 1
+    """A class with fewer valid images is an error."""
+    overwrite: bool = False
+    """Replace a DEST that already holds a complete dataset."""
+    file_timeout_s: float = 60.0
+    """A file whose validation takes longer is refused (guards against decoder hangs)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.val_fraction < 1, "ingest.val_fraction", "must be in [0, 1)")
+        _check(0 <= self.test_fraction < 1, "ingest.test_fraction", "must be in [0, 1)")
+        _check(self.val_fraction + self.test_fraction < 1, "ingest.val_fraction + ingest.test_fraction",
+               "must leave some images for training (sum < 1)")
+        _check(self.max_pixels > 0, "ingest.max_pixels", "must be positive")
+        _check(self.max_side >= 8, "ingest.max_side", "must be at least 8")
+        _check(1 <= self.jpeg_quality <= 100, "ingest.jpeg_quality", "must be in [1, 100]")
+        _check(self.shard_size_mb >= 1, "ingest.shard_size_mb", "must be at least 1")
+        _check(self.num_workers >= 0, "ingest.num_workers", "must be >= 0 (0 = one per core)")
+        _check(self.min_images_per_class >= 1, "ingest.min_images_per_class", "must be at least 1")
+
+
+@dataclass
+class ModelConfig:
+    """Which timm model to train and how it starts."""
+
+    name: str = "resnet10t"
+    """timm architecture name (``timm.list_models()``)."""
+    pretrained: str | None = None
+    """None (random init), a timm hub tag such as ``resnet50.a1_in1k`` (needs internet), or a local path or
+    s3:// URI of a weights file (.safetensors or a state-dict .pt/.pth)."""
+    mode: Literal["scratch", "finetune", "frozen"] = "scratch"
+    """``scratch``: random init; ``finetune``: all weights train; ``frozen``: only the new head trains."""
+    image_size: int | None = None
+    """Input side in pixels; None uses the model's default."""
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    channels_last: bool = True
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size is None or self.image_size >= 8, "model.image_size", "must be at least 8")
+        _check(0 <= self.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
+        _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+        _check(self.mode != "frozen" or self.pretrained is not None, "model.mode",
+               "'frozen' needs model.pretrained (a frozen random backbone learns nothing)")
+
+
+@dataclass
+class DataConfig:
+    """Train-time input pipeline and augmentation (timm's transform factory)."""
+
+    batch_size: int = 128
+    """Per-worker batch size."""
+    eval_batch_size: int = 256
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm auto-augment string (RandAugment by default); None disables it."""
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range."""
+    re_prob: float = 0.25
+    """Random erasing probability."""
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.1
+    balanced_sampling: bool = False
+    """Oversample rare classes so every class is seen equally often."""
+    decode_concurrency: int | None = None
+    """Ray Data CPU tasks decoding in parallel; None lets Ray Data decide."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", "must be at least 1")
+        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
+               "must be [min, max] with 0 < min <= max <= 1")
+        for key in ("hflip", "re_prob"):
+            _check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be in [0, 1]")
+        _check(0 <= self.label_smoothing < 1, "data.label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (timm's factories)."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    sched: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = 1
+    decay_epochs: int = 30
+    """Step schedule: epochs between decays."""
+    decay_rate: float = 0.1
+    min_lr: float = 1e-6
+    grad_clip: float | None = None
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+        _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be at least 1")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be positive or null")
+
+
+@dataclass
+class TrainConfig:
+    """The distributed run: workers, precision, evaluation, checkpoints and retries."""
+
+    epochs: int = 10
+    num_workers: int = 2
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    """Mixed precision on GPU; ``fp16`` adds a GradScaler. Ignored on CPU."""
+    eval_every: int = 1
+    """Evaluate on the validation split every N epochs (and after the last)."""
+    metric: str = "val_top1"
+    """Metric that selects the best checkpoint and drives early stopping."""
+    metric_mode: Literal["max", "min"] = "max"
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement; None disables it."""
+    loss: Literal["ce", "focal"] = "ce"
+    class_weighted_loss: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9998
+    keep_checkpoints: int = 2
+    storage_path: str = "runs"
+    """Local path or s3:// URI holding runs."""
+    run_name: str = "train"
+    """Re-running with the same name resumes from its latest checkpoint."""
+    max_failures: int = 2
+    """Worker-group restarts allowed after a failure (each resumes from the latest checkpoint)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be at least 1")
+        _check(self.num_workers >= 1, "train.num_workers", "must be at least 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
+        _check(self.eval_every >= 1, "train.eval_every", "must be at least 1")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+        _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               "train.early_stopping_patience", "must be at least 1 or null")
+        _check(self.run_name != "" and "/" not in self.run_name, "train.run_name", "must be a non-empty name without '/'")
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune + Optuna (TPE) + ASHA search."""
+
+    space: str = "search_spaces/quick.yaml"
+    num_samples: int = 8
+    max_concurrent_trials: int | None = None
+    """None derives it from the cluster's resources and the workers per trial."""
+    max_epochs: int = 6
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    seed: int = 0
+    experiment_name: str = "tune"
+    storage_path: str = "runs"
+    evaluate_test: bool = True
+    """Re-evaluate the promoted model on the test split."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples", "must be at least 1")
+        _check(self.max_epochs >= 1, "tune.max_epochs", "must be at least 1")
+        _check(1 <= self.grace_period <= self.max_epochs, "tune.grace_period", "must be in [1, tune.max_epochs]")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be at least 2")
+        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
+               "must be at least 1 or null")
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve deployment of a model package."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "cls-ray"
+    route_prefix: str = "/"
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_request_bytes: int = 20 * 1024 * 1024
+    max_images: int = 64
+    max_pixels: int = 64_000_000
+    default_top_k: int = 5
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key; when set, inference routes need ``X-API-Key``."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
+        _check(self.max_batch_size >= 1, "serve.max_batch_size", "must be at least 1")
+        _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
+        _check(1 <= self.min_replicas <= self.max_replicas, "serve.min_replicas",
+               "must be at least 1 and at most serve.max_replicas")
+        _check(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be positive")
+        _check(self.max_images >= 1, "serve.max_images", "must be at least 1")
+
+
+@dataclass
+class Config:
+    """The whole chain; each stage reads its own section."""
+
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    source: str | None = None
+    """Pipeline input: class folders (local or s3://)."""
+    workdir: str = "runs/pipeline"
+    """Pipeline output root: dataset, runs, experiment and model package live under it."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key} (in {source}): expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} (in {source}): {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} (in {source}): expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} (in {source}): expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} (in {source}): expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, source, prefix=f"{key}.")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} (in {source}): expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} (in {source}): expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} (in {source}): expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} (in {source}): expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (in {source}); valid keys of "
+                          f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {source})") from None
+
+
+def _set_nested(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.epochs=3", "model.name=resnet18"]`` -> nested dict; values are parsed as YAML scalars."""
+    data: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        _set_nested(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a :class:`Config` from an optional YAML file (local or URI) and ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        from cls_ray import storage
+
+        try:
+            text = storage.read_bytes(path).decode()
+        except storage.StorageError as exc:
+            raise ConfigError(f"cannot read config file: {exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        source = path
+    extra = parse_overrides(overrides)
+    if extra:
+        data = _merge(data, extra)
+        source = f"{source} + --set" if path else "--set"
+    return _build(Config, data, source)
+
+
+def section_from_dict(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    """Build one config section (for example a Tune trial's sampled values) with the same checks."""
+    return _build(cls, data, source, prefix)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_resolved(cfg: Any, dir_uri: str, name: str = "config.yaml") -> str:
+    """Write the resolved config next to an output it produced; returns the file's URI."""
+    from cls_ray import storage
+
+    uri = storage.join(dir_uri, name)
+    storage.write_bytes(uri, dump_yaml(cfg).encode())
+    return uri

@@ -1,0 +1,179 @@
+"""Every input and output of cls-ray is a URI; this module turns one into a pyarrow filesystem and a path.
+
+A URI is a plain path, ``file://...`` or ``s3://bucket/prefix``. S3 and S3-compatible stores go through
+``pyarrow.fs.S3FileSystem``. Endpoint, region and credentials come only from the standard AWS environment
+variables and config files (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for an S3-compatible store,
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` ...), never from code or URIs, so they never
+reach logs, manifests or checkpoints. No other module special-cases S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A URI could not be read or written; the message names the URI and what to check."""
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI, keeping its scheme."""
+    if is_remote(uri) or uri.startswith("file://"):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def _s3_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    options: dict[str, Any] = {
+        # Fail fast on an unreachable endpoint instead of the SDK's minutes of retries.
+        "connect_timeout": float(os.environ.get("CLS_RAY_S3_CONNECT_TIMEOUT", "5")),
+        "request_timeout": float(os.environ.get("CLS_RAY_S3_REQUEST_TIMEOUT", "60")),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    if endpoint:
+        options["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            options["scheme"] = "http"
+    if region:
+        options["region"] = region
+    return options
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(options_key: str) -> pafs.S3FileSystem:
+    del options_key  # only part of the cache key: the environment the filesystem was built from
+    return pafs.S3FileSystem(**_s3_options())
+
+
+def _s3_cache_key() -> str:
+    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    return "\0".join(os.environ.get(k, "") for k in keys)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for a URI; the path is what the filesystem's calls take."""
+    if not uri:
+        raise StorageError("an empty URI was given where a path or s3:// URI is needed")
+    if is_remote(uri):
+        path = uri[len("s3://"):].strip("/")
+        if not path:
+            raise StorageError(f"{uri!r} names no bucket: use s3://BUCKET/PREFIX")
+        return _s3_filesystem(_s3_cache_key()), path
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """A one-line reason for a failed storage call, with a hint for the common S3 mistakes."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    hint = ""
+    if is_remote(uri):
+        low = text.lower()
+        if "curl" in low or "connect" in low or "timeout" in low or "resolve" in low:
+            hint = " (is the S3 endpoint reachable? check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)"
+        elif "access denied" in low or "forbidden" in low or "signature" in low or "invalidaccesskeyid" in low:
+            hint = " (check the AWS credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"
+        elif "nosuchbucket" in low or "bucket does not exist" in low:
+            hint = " (the bucket does not exist)"
+    return f"{uri}: {text}{hint}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+    except OSError as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file. Local writes go through a temporary name and a rename, so a reader never sees half a
+    file; S3 PUTs are atomic already."""
+    fs, path = resolve(uri)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def delete(uri: str) -> None:
+    """Delete a file or a directory tree; a missing one is not an error."""
+    fs, path = resolve(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+
+
+def list_files(uri: str, recursive: bool = True) -> list[pafs.FileInfo]:
+    """All files below a directory URI (hidden files included; callers filter)."""
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=False))
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such directory") from exc
+    except OSError as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+    return [i for i in infos if i.type == pafs.FileType.File]
