@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -40,8 +41,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """Fully decode ``data`` to an RGB image with EXIF orientation applied; returns ``(image, source_format)``.
+@dataclass(frozen=True)
+class DecodedImage:
+    """A validated image and the facts about its source that decide whether its bytes can be kept as they are."""
+
+    image: Image.Image
+    """The fully decoded RGB image, EXIF orientation applied, alpha flattened on white."""
+    format: str
+    """Pillow's name of the source format (``JPEG``, ``PNG``, ``GIF``...)."""
+    source_mode: str
+    """Pillow's mode of the source before conversion (``RGB``, ``L``, ``CMYK``, ``I;16``, ``P``...)."""
+    n_frames: int
+    """Frames in the source (only the first is used)."""
+    transposed: bool
+    """EXIF orientation rotated or flipped the image."""
+
+
+def inspect_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Fully decode ``data`` to RGB (see :func:`decode_image`) and report what the source was.
 
     Raises:
         ImageDecodeError: empty data, not an image, truncated/corrupt, too many pixels, or a decoder failure.
@@ -52,19 +69,9 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         # Pillow's own bomb check (warning past MAX_IMAGE_PIXELS) becomes a refusal; ours follows at open time,
         # from the header, before any pixel is decoded.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)  # e.g. "Palette images with Transparency expressed in bytes"
         try:
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format or "unknown"
-            width, height = img.size
-            if width * height > max_pixels or width <= 0 or height <= 0:
-                raise ImageDecodeError("too_many_pixels",
-                                       f"{width}x{height} exceeds the pixel limit of {max_pixels}")
-            img.seek(0)  # multi-frame images (GIF, APNG, WebP, TIFF pages): the first frame
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            img.load()
-            return img, fmt
+            return _decode(data, max_pixels)
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -74,5 +81,36 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise ImageDecodeError("corrupt", f"corrupt or truncated image: {exc}") from None
         except (MemoryError, RecursionError, IndexError, KeyError, TypeError, ZeroDivisionError,
-                AttributeError, RuntimeError) as exc:
+                AttributeError, RuntimeError, NotImplementedError) as exc:
             raise ImageDecodeError("decoder_error", f"the decoder failed: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(data: bytes, max_pixels: int) -> DecodedImage:
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format or "unknown"
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError("corrupt", f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_many_pixels", f"{width}x{height} exceeds the pixel limit of {max_pixels}")
+    n_frames = int(getattr(img, "n_frames", 1) or 1)
+    img.seek(0)  # multi-frame images (GIF, APNG, WebP, TIFF pages): the first frame
+    img.load()
+    source_mode = img.mode
+    orientation = img.getexif().get(0x0112, 1)
+    transposed = ImageOps.exif_transpose(img)
+    rgb = _to_rgb(transposed)
+    rgb.load()
+    if rgb.size[0] * rgb.size[1] > max_pixels:  # a frame or page larger than the header said
+        raise ImageDecodeError("too_many_pixels", f"{rgb.size[0]}x{rgb.size[1]} exceeds the pixel limit")
+    return DecodedImage(rgb, fmt, source_mode, n_frames, orientation not in (None, 1, 0))
+
+
+def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Fully decode ``data`` to an RGB image with EXIF orientation applied; returns ``(image, source_format)``.
+
+    Raises:
+        ImageDecodeError: empty data, not an image, truncated/corrupt, too many pixels, or a decoder failure.
+    """
+    decoded = inspect_image(data, max_pixels)
+    return decoded.image, decoded.format

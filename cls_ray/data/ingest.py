@@ -1,0 +1,225 @@
+"""``cls-ray ingest``: class folders (local or s3://) -> validated Parquet shards + ``manifest.json``.
+
+The stages, one module each: :mod:`~cls_ray.data.scan` lists the files, :mod:`~cls_ray.data.validate` decodes
+every file in worker processes under a time bound, :mod:`~cls_ray.data.split` drops duplicates and splits by
+class, :mod:`~cls_ray.data.parquet` writes the shards and :mod:`~cls_ray.data.manifest` writes the manifest,
+last. Nothing at DEST is touched until the input has been fully validated, so a bad input loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from cls_ray import storage
+from cls_ray.config import IngestConfig
+from cls_ray.data.manifest import (
+    MANIFEST_FORMAT_VERSION,
+    MANIFEST_NAME,
+    ManifestError,
+    manifest_uri,
+    read_manifest,
+    write_manifest,
+)
+from cls_ray.data.parquet import Row, write_split
+from cls_ray.data.scan import SPLIT_DIRS, IngestError, ScanResult, scan_source
+from cls_ray.data.split import Item, assign_splits, resolve_duplicates, shard_order
+from cls_ray.data.validate import EncodeOptions, validate_files
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IngestError", "ingest"]
+
+_OWN_ENTRIES = frozenset({MANIFEST_NAME, *SPLIT_DIRS})
+_PROBE = ".cls-ray-write-probe"
+
+
+class _Spool:
+    """Image bytes parked in a local temporary file between validation and shard writing (bounded memory)."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="cls-ray-ingest-")
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        offset = self._file.seek(0, os.SEEK_END)
+        self._file.write(data)
+        return offset, len(data)
+
+    def get(self, where: tuple[int, int]) -> bytes:
+        self._file.seek(where[0])
+        return self._file.read(where[1])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _existing_dataset(dest: str, cfg: IngestConfig) -> dict[str, Any] | None:
+    try:
+        complete = storage.exists(manifest_uri(dest))
+    except storage.StorageError as exc:
+        raise IngestError(f"cannot reach DEST: {exc}") from None
+    if not complete or cfg.overwrite:
+        return None
+    try:
+        manifest = read_manifest(dest)
+    except ManifestError as exc:
+        raise IngestError(f"{exc}; pass --overwrite (ingest.overwrite=true) to replace it") from None
+    logger.info("%s already holds a complete dataset (%d classes); nothing to do (pass --overwrite to rewrite it)",
+                dest, len(manifest["classes"]))
+    return manifest
+
+
+def _check_dest(dest: str, src: str) -> None:
+    """DEST must be writable and hold nothing but an earlier cls-ray dataset; checked before any real work."""
+    if not storage.is_remote(dest) and not storage.is_remote(src):
+        s, d = os.path.realpath(src), os.path.realpath(storage.resolve(dest)[1])
+        if d == s or d.startswith(s + os.sep) or s.startswith(d + os.sep):
+            raise IngestError(f"DEST {dest} and SRC {src} overlap; write the dataset outside the source tree")
+    probe = storage.join(dest, _PROBE)
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except storage.StorageError as exc:
+        raise IngestError(f"DEST is not writable: {exc}") from None
+    fs, path = storage.resolve(dest)
+    import pyarrow.fs as pafs
+
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise IngestError(f"cannot list DEST: {storage.describe_error(dest, exc)}") from None
+    foreign = sorted(e.base_name for e in entries if e.base_name not in _OWN_ENTRIES and e.base_name != _PROBE)
+    if foreign:
+        raise IngestError(f"DEST {dest} is not empty and not a cls-ray dataset (it holds {', '.join(foreign[:5])}); "
+                          f"choose an empty or new location")
+
+
+def _clear_dest(dest: str) -> None:
+    """Remove an earlier (complete or partial) dataset: the manifest first, so no manifest outlives its shards."""
+    storage.delete(manifest_uri(dest))
+    for split in SPLIT_DIRS:
+        storage.delete(storage.join(dest, split))
+
+
+def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[Item], dict[str, dict], list[dict]]:
+    from tqdm import tqdm
+
+    opts = EncodeOptions(cfg.max_pixels, cfg.max_side, cfg.jpeg_quality)
+    workers = cfg.num_workers or os.cpu_count() or 1
+    labels = {name: i for i, name in enumerate(scan.classes)}
+    items: list[Item] = []
+    facts: dict[str, dict] = {}
+    skipped: list[dict] = list(scan.skipped)
+    uris = [f.uri for f in scan.files]
+    logger.info("validating %d files with %d worker processes", len(uris), workers)
+    with tqdm(total=len(uris), desc="validating", unit="img", disable=None) as bar:
+        for i, result in validate_files(uris, opts, workers, cfg.file_timeout_s):
+            bar.update(1)
+            f = scan.files[i]
+            if "reason" in result:
+                skipped.append({"path": f.path, "reason": result["reason"], "detail": result["detail"]})
+                continue
+            items.append(Item(f.path, labels[f.class_name], result["sha256"], f.split))
+            facts[f.path] = {"where": spool.put(result.pop("image")), **result}
+    skipped.sort(key=lambda s: s["path"])
+    return items, facts, skipped
+
+
+def _check_classes(items: list[Item], classes: list[str], cfg: IngestConfig, src: str) -> None:
+    if len(classes) < 2:
+        raise IngestError(f"SRC {src} has {len(classes)} class folder ({', '.join(classes)}); a classifier needs "
+                          f"at least 2 (one subfolder per class)")
+    counts = [0] * len(classes)
+    for it in items:
+        counts[it.label] += 1
+    short = [f"{classes[i]} ({n})" for i, n in enumerate(counts) if n < cfg.min_images_per_class]
+    if short:
+        raise IngestError(f"in SRC {src}, these classes have fewer than ingest.min_images_per_class="
+                          f"{cfg.min_images_per_class} valid images: {', '.join(short)}; add images or remove "
+                          f"the folders (the manifest's skipped list says why files were refused)")
+
+
+def _write_shards(dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool,
+                  num_classes: int, cfg: IngestConfig) -> dict[str, dict]:
+    out = {}
+    for split in SPLIT_DIRS:
+        rows = (Row(spool.get(facts[it.path]["where"]), it.label, it.path, facts[it.path]["width"],
+                    facts[it.path]["height"]) for it in shard_order(splits[split], cfg.seed, split))
+        try:
+            out[split] = write_split(dest, split, rows, num_classes, cfg.shard_size_mb * 1024 * 1024)
+        except OSError as exc:
+            raise IngestError(f"writing the {split} shards failed: {storage.describe_error(dest, exc)}") from None
+        logger.info("wrote %s: %d rows in %d shards", split, out[split]["num_rows"], len(out[split]["shards"]))
+    return out
+
+
+def _encoding_summary(kept: list[Item], facts: dict[str, dict], cfg: IngestConfig) -> dict[str, Any]:
+    kinds = [facts[it.path]["encoding"] for it in kept]
+    return {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "max_pixels": cfg.max_pixels,
+            "kept_original": kinds.count("original"), "reencoded": len(kinds) - kinds.count("original"),
+            "reencoded_jpeg": kinds.count("jpeg"), "reencoded_png": kinds.count("png"),
+            "resized": sum(1 for it in kept if facts[it.path]["resized"])}
+
+
+def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> dict[str, Any]:
+    """Validate the class folders at ``src`` and write a dataset (shards + manifest.json) to ``dest``.
+
+    Args:
+        src: class folders, local directory or ``s3://bucket/prefix`` (flat or pre-split, see ``scan``).
+        dest: dataset location, local directory or ``s3://bucket/prefix``.
+        cfg: the ``ingest`` config section.
+        summary: print the summary table when done.
+
+    Returns:
+        The manifest written (or found, when DEST already holds a complete dataset and overwrite is off).
+
+    Raises:
+        IngestError: bad SRC or DEST, fewer than two classes, or a class without enough valid images.
+    """
+    existing = _existing_dataset(dest, cfg)
+    if existing is not None:
+        if summary:
+            print_ingest_summary(existing)
+        return existing
+    _check_dest(dest, src)
+    scan = scan_source(src)
+    spool = _Spool()
+    try:
+        items, facts, skipped = _validate(scan, cfg, spool)
+        _check_classes(items, scan.classes, cfg, src)
+        kept, duplicates = resolve_duplicates(items, scan.classes)
+        _check_classes(kept, scan.classes, cfg, src)
+        fractions = {"train": round(1 - cfg.val_fraction - cfg.test_fraction, 6), "val": cfg.val_fraction,
+                     "test": cfg.test_fraction}
+        splits, carved = assign_splits(kept, len(scan.classes), fractions, cfg.seed, scan.presplit)
+        _clear_dest(dest)
+        split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg)
+    finally:
+        spool.close()
+    manifest = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "classes": scan.classes,
+        "splits": split_entries,
+        "split": {"seed": cfg.seed, "fractions": fractions, "presplit": scan.presplit,
+                  "presplit_given": scan.splits_present, "carved": carved},
+        "encoding": _encoding_summary(kept, facts, cfg),
+        "skipped": skipped,
+        "duplicates": duplicates,
+        "counts": {"files": len(scan.files), "valid": len(items), "kept": len(kept), "skipped": len(skipped),
+                   "duplicates_dropped": len(items) - len(kept), "hidden_ignored": scan.hidden_ignored},
+        "source": src,
+    }
+    write_manifest(dest, manifest)
+    logger.info("dataset complete: %s", manifest_uri(dest))
+    if summary:
+        print_ingest_summary(manifest)
+    return manifest
+
+
+def print_ingest_summary(manifest: dict[str, Any]) -> None:
+    """Print the summary table of a dataset: per-class split counts, imbalance, refused files and duplicates."""
+    from cls_ray.data.ingest_report import print_summary
+
+    print_summary(manifest)

@@ -1,0 +1,132 @@
+"""Writing dataset shards: Parquet files of encoded images, written through pyarrow filesystems (local or S3).
+
+Schema (the dataset contract in docs/design.md): ``image`` binary, ``label`` int64, ``path`` string, ``width``
+int32, ``height`` int32. Image bytes are already compressed, so that column is stored uncompressed and without
+statistics or dictionary; a shard holds row groups of at most ``ROW_GROUP_ROWS`` rows so readers can stream it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cls_ray import storage
+
+SCHEMA = pa.schema([
+    pa.field("image", pa.binary()),
+    pa.field("label", pa.int64()),
+    pa.field("path", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+])
+ROW_GROUP_ROWS = 1024
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Row:
+    """One Parquet row."""
+
+    image: bytes
+    label: int
+    path: str
+    width: int
+    height: int
+
+
+@dataclass
+class _Batch:
+    rows: list[Row] = field(default_factory=list)
+    nbytes: int = 0
+
+    def table(self) -> pa.Table:
+        return pa.table({
+            "image": pa.array([r.image for r in self.rows], pa.binary()),
+            "label": pa.array([r.label for r in self.rows], pa.int64()),
+            "path": pa.array([r.path for r in self.rows], pa.string()),
+            "width": pa.array([r.width for r in self.rows], pa.int32()),
+            "height": pa.array([r.height for r in self.rows], pa.int32()),
+        }, schema=SCHEMA)
+
+
+class ShardWriter:
+    """Writes the rows of one split as ``SPLIT/part-NNNNN.parquet`` files of about ``target_bytes`` each.
+
+    Args:
+        dataset_uri: the dataset root (local path or s3:// URI).
+        split: ``train``, ``val`` or ``test``.
+        num_classes: length of the per-shard ``class_counts``.
+        target_bytes: a shard is closed once its image bytes reach this size.
+    """
+
+    def __init__(self, dataset_uri: str, split: str, num_classes: int, target_bytes: int):
+        self.dataset_uri = dataset_uri
+        self.split = split
+        self.num_classes = num_classes
+        self.target_bytes = target_bytes
+        self.shards: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_bytes = 0
+        self._counts: list[int] = []
+        self._batch = _Batch()
+
+    def _open(self) -> None:
+        rel = f"{self.split}/part-{len(self.shards):05d}.parquet"
+        uri = storage.join(self.dataset_uri, *rel.split("/"))
+        fs, path = storage.resolve(uri)
+        if not storage.is_remote(uri):
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self._writer = pq.ParquetWriter(path, SCHEMA, filesystem=fs, compression={
+            "image": "NONE", "label": "ZSTD", "path": "ZSTD", "width": "ZSTD", "height": "ZSTD"},
+            use_dictionary=["label"], write_statistics=["label", "width", "height"])
+        self.shards.append({"path": rel, "num_rows": 0, "class_counts": [0] * self.num_classes})
+        self._shard_bytes = 0
+
+    def _flush(self) -> None:
+        if not self._batch.rows:
+            return
+        if self._writer is None:
+            self._open()
+        self._writer.write_table(self._batch.table(), row_group_size=ROW_GROUP_ROWS)
+        shard = self.shards[-1]
+        for row in self._batch.rows:
+            shard["class_counts"][row.label] += 1
+        shard["num_rows"] += len(self._batch.rows)
+        self._shard_bytes += self._batch.nbytes
+        self._batch = _Batch()
+        if self._shard_bytes >= self.target_bytes:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def write(self, row: Row) -> None:
+        """Append one row."""
+        self._batch.rows.append(row)
+        self._batch.nbytes += len(row.image)
+        room = self.target_bytes - self._shard_bytes
+        if len(self._batch.rows) >= ROW_GROUP_ROWS or self._batch.nbytes >= min(ROW_GROUP_BYTES, room):
+            self._flush()
+
+    def close(self) -> dict:
+        """Finish the last shard; returns the manifest entry of the split."""
+        self._flush()
+        self._close_shard()
+        counts = [sum(s["class_counts"][i] for s in self.shards) for i in range(self.num_classes)]
+        return {"num_rows": sum(counts), "class_counts": counts, "shards": self.shards}
+
+
+def write_split(dataset_uri: str, split: str, rows: Iterable[Row], num_classes: int, target_bytes: int) -> dict:
+    """Write all ``rows`` of a split; returns its manifest entry (``num_rows``, ``class_counts``, ``shards``)."""
+    writer = ShardWriter(dataset_uri, split, num_classes, target_bytes)
+    try:
+        for row in rows:
+            writer.write(row)
+    finally:
+        result = writer.close()
+    return result

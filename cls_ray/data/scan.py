@@ -1,0 +1,161 @@
+"""Finding the input files of ingest: class folders under a local directory or an ``s3://`` prefix.
+
+Two layouts are recognised:
+
+- flat: ``SRC/<class>/**/<file>``; ingest splits it.
+- pre-split: ``SRC/train/<class>/...`` plus ``SRC/val/...`` and/or ``SRC/test/...``; the given split is kept and a
+  missing ``val`` or ``test`` split is carved off ``train``.
+
+Hidden entries (any path component starting with ``.``) are ignored. Symlinks whose target lies outside SRC are
+not followed, nor are symlinked directories (loops, double counting); both are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from cls_ray import storage
+
+logger = logging.getLogger(__name__)
+
+SPLIT_DIRS = ("train", "val", "test")
+
+
+class IngestError(ValueError):
+    """Ingest cannot go on with this input or output; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One candidate image."""
+
+    uri: str
+    """Where a worker reads it from (local absolute path or s3:// URI)."""
+    path: str
+    """Relative to SRC, with ``/`` separators; what the manifest and the Parquet ``path`` column show."""
+    class_name: str
+    split: str | None
+    """The split given by a pre-split tree, else None."""
+
+
+@dataclass
+class ScanResult:
+    """The candidate files of a source tree and what was set aside while listing it."""
+
+    files: list[SourceFile]
+    classes: list[str]
+    presplit: bool
+    splits_present: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    hidden_ignored: int = 0
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _list_local(src: str) -> tuple[list[tuple[str, str]], list[dict[str, str]], int]:
+    """Walk a local tree without following directory symlinks; returns ``(uri, rel)`` pairs, skipped, hidden."""
+    root = os.path.realpath(src)
+    pairs: list[tuple[str, str]] = []
+    skipped: list[dict[str, str]] = []
+    hidden = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        for name in sorted(dirnames):
+            full = os.path.join(dirpath, name)
+            if name.startswith("."):
+                hidden += 1
+            elif os.path.islink(full):
+                inside = _inside(os.path.realpath(full), root)
+                reason = "symlink_dir" if inside else "symlink_outside_source"
+                skipped.append({"path": rel_dir + name, "reason": reason,
+                                "detail": "symlinked directories are not followed" if inside
+                                else "the symlink leads outside SRC; not followed"})
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            if name.startswith("."):
+                hidden += 1
+                continue
+            if os.path.islink(full) and not _inside(os.path.realpath(full), root):
+                skipped.append({"path": rel_dir + name, "reason": "symlink_outside_source",
+                                "detail": "the symlink leads outside SRC; not followed"})
+                continue
+            pairs.append((full, rel_dir + name))
+    return pairs, skipped, hidden
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _list_remote(src: str) -> tuple[list[tuple[str, str]], list[dict[str, str]], int]:
+    prefix = src.rstrip("/")
+    _, base = storage.resolve(prefix)
+    pairs: list[tuple[str, str]] = []
+    hidden = 0
+    for info in storage.list_files(prefix):
+        rel = info.path[len(base):].lstrip("/")
+        if not rel:
+            continue
+        if _is_hidden(rel):
+            hidden += 1
+            continue
+        pairs.append((f"{prefix}/{rel}", rel))
+    pairs.sort(key=lambda p: p[1])
+    return pairs, [], hidden
+
+
+def _check_source(src: str) -> None:
+    if storage.is_remote(src):
+        fs, path = storage.resolve(src)
+        try:
+            kind = fs.get_file_info(path).type
+        except OSError as exc:
+            raise IngestError(f"cannot read SRC: {storage.describe_error(src, exc)}") from None
+        if kind.name == "NotFound":
+            raise IngestError(f"SRC {src} does not exist (no objects under that prefix)")
+        return
+    if not os.path.exists(src):
+        raise IngestError(f"SRC {src} does not exist")
+    if not os.path.isdir(src):
+        raise IngestError(f"SRC {src} is not a directory of class folders")
+
+
+def scan_source(src: str) -> ScanResult:
+    """List the candidate images under ``src`` and work out the layout and class names.
+
+    Raises:
+        IngestError: SRC missing, not a directory, or holding no class folder.
+    """
+    _check_source(src)
+    try:
+        pairs, skipped, hidden = _list_remote(src) if storage.is_remote(src) else _list_local(src)
+    except storage.StorageError as exc:
+        raise IngestError(f"cannot list SRC: {exc}") from None
+    top_dirs = {rel.split("/")[0] for _, rel in pairs if "/" in rel}
+    presplit = "train" in top_dirs and top_dirs <= set(SPLIT_DIRS)
+    depth = 2 if presplit else 1
+    files: list[SourceFile] = []
+    for uri, rel in pairs:
+        parts = rel.split("/")
+        if len(parts) <= depth:
+            where = "a split folder" if presplit and len(parts) == 2 else "SRC"
+            skipped.append({"path": rel, "reason": "not_in_class_folder",
+                            "detail": f"a file directly in {where}, not in a class folder"})
+            continue
+        split = parts[0] if presplit else None
+        files.append(SourceFile(uri, rel, parts[depth - 1], split))
+    classes = sorted({f.class_name for f in files})
+    if not files:
+        raise IngestError(f"SRC {src} holds no class folders with files: expected SRC/<class>/<image> "
+                          f"(or SRC/train/<class>/<image> for a pre-split tree)")
+    splits_present = sorted({f.split for f in files if f.split}, key=SPLIT_DIRS.index)
+    logger.info("found %d files in %d class folders under %s%s (%d hidden entries ignored)", len(files),
+                len(classes), src, f" (pre-split: {', '.join(splits_present)})" if presplit else "", hidden)
+    return ScanResult(files, classes, presplit, splits_present, skipped, hidden)

@@ -1,0 +1,158 @@
+"""Validating and encoding every input file in worker processes, each file under a time bound.
+
+A file is read, hashed (sha256 of its bytes) and fully decoded in a worker process of a ``pebble`` process pool.
+A file whose decode takes longer than ``IngestConfig.file_timeout_s`` has its worker killed; a file that crashes
+its worker (a decoder segfault) loses only that worker. Either way only that one file is refused.
+
+Stored bytes must decode to the validated RGB image with a plain ``Image.open(...).convert("RGB")``, so the
+original bytes are kept only for JPEG or PNG files in ``RGB`` or ``L`` mode, single frame, with no EXIF rotation
+and no side above ``max_side``. Everything else is re-encoded from the validated RGB image (resized to fit
+``max_side``, aspect kept): as JPEG at ``jpeg_quality`` when the source was lossy (JPEG, WebP, ...), as PNG when it
+was lossless, so no new compression artefacts are added to a lossless source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from cls_ray import storage
+from cls_ray.data.images import ImageDecodeError, inspect_image
+
+logger = logging.getLogger(__name__)
+
+KEEPABLE_FORMATS = ("JPEG", "PNG")
+KEEPABLE_MODES = ("RGB", "L")
+LOSSY_FORMATS = frozenset({"JPEG", "MPO", "WEBP", "JPEG2000", "AVIF", "HEIF", "DDS", "BLP", "FPX", "MIC"})
+_ENV_PREFIXES = ("AWS_", "CLS_RAY_")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What the workers need from :class:`~cls_ray.config.IngestConfig`."""
+
+    max_pixels: int
+    max_side: int
+    jpeg_quality: int
+
+
+def _read(uri: str) -> bytes:
+    if storage.is_remote(uri):
+        return storage.read_bytes(uri)
+    with open(uri, "rb") as f:
+        return f.read()
+
+
+def _encode(decoded: Any, opts: EncodeOptions) -> tuple[bytes, str, bool]:
+    img: Image.Image = decoded.image
+    resized = max(img.size) > opts.max_side
+    if resized:
+        img = img.copy()
+        img.thumbnail((opts.max_side, opts.max_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if decoded.format in LOSSY_FORMATS:
+        img.save(buf, format="JPEG", quality=opts.jpeg_quality)
+        kind = "jpeg"
+    else:
+        img.save(buf, format="PNG")
+        kind = "png"
+    return buf.getvalue(), kind, resized
+
+
+def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
+    """Read, hash, fully decode and (when needed) re-encode one file; runs in a worker process.
+
+    Returns:
+        ``{"sha256", "width", "height", "format", "encoding": "original"|"jpeg"|"png", "resized", "image"}``
+        for a valid image, or ``{"reason", "detail"}`` for a refused one.
+    """
+    try:
+        data = _read(uri)
+    except OSError as exc:
+        return {"reason": "unreadable", "detail": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        decoded = inspect_image(data, opts.max_pixels)
+    except ImageDecodeError as exc:
+        return {"reason": exc.reason, "detail": str(exc)[:300], "sha256": digest}
+    keep = (decoded.format in KEEPABLE_FORMATS and decoded.source_mode in KEEPABLE_MODES
+            and decoded.n_frames == 1 and not decoded.transposed and max(decoded.image.size) <= opts.max_side)
+    if keep:
+        image, kind, resized = data, "original", False
+    else:
+        try:
+            image, kind, resized = _encode(decoded, opts)
+        except (OSError, ValueError) as exc:
+            return {"reason": "encode_error", "detail": f"re-encoding failed: {exc}"[:300], "sha256": digest}
+    width, height = Image.open(io.BytesIO(image)).size if resized else decoded.image.size
+    return {"sha256": digest, "width": width, "height": height, "format": decoded.format, "encoding": kind,
+            "resized": resized, "image": image}
+
+
+def _init_worker(env: dict[str, str]) -> None:
+    # Workers fork from the forkserver, which may predate the caller's environment (S3 endpoint, credentials).
+    for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
+        os.environ.pop(key)
+    os.environ.update(env)
+
+
+def _failure(future: Any, timeout_s: float) -> dict[str, Any] | None:
+    from pebble import ProcessExpired
+
+    try:
+        return future.result()
+    except FutureTimeout:
+        return {"reason": "timeout", "detail": f"validation took longer than {timeout_s:g} s (ingest.file_timeout_s)"}
+    except ProcessExpired as exc:
+        return {"reason": "decoder_crash", "detail": f"the decoder crashed its worker process (exit code "
+                                                     f"{exc.exitcode})"}
+    except Exception as exc:  # noqa: BLE001 - any other worker failure refuses this one file only
+        return {"reason": "decoder_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def validate_files(uris: Sequence[str], opts: EncodeOptions, num_workers: int, timeout_s: float,
+                   on_result: Callable[[int, dict[str, Any]], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """Validate ``uris`` in ``num_workers`` processes; yields ``(index, result)`` as files finish (any order).
+
+    Args:
+        uris: files to validate (local paths or s3:// URIs).
+        opts: decoding limits and encoding choices.
+        num_workers: worker processes.
+        timeout_s: per-file time bound; a file over it is refused with reason ``timeout``.
+        on_result: called with every result as it arrives (progress bars).
+    """
+    from pebble import ProcessPool
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+    context = multiprocessing.get_context("forkserver")
+    window = max(64, num_workers * 16)  # bounded in-flight work: results hold image bytes
+    with ProcessPool(max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env,)) as pool:
+        pending: dict[Any, int] = {}
+        index = 0
+        while index < len(uris) or pending:
+            while index < len(uris) and len(pending) < window:
+                pending[pool.schedule(validate_file, args=(uris[index], opts), timeout=timeout_s)] = index
+                index += 1
+            done = _wait_first(pending)
+            for future in done:
+                i = pending.pop(future)
+                result = _failure(future, timeout_s)
+                if on_result is not None:
+                    on_result(i, result)
+                yield i, result
+
+
+def _wait_first(pending: dict[Any, int]) -> set[Any]:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+    return done
