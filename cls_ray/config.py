@@ -241,6 +241,22 @@ class ServeConfig:
     default_top_k: int = 5
     api_key_env: str | None = None
     """Name of an environment variable holding the API key; when set, inference routes need ``X-API-Key``."""
+    max_ongoing_requests: int = 64
+    """Images in flight per model replica; at least ``max_batch_size``, or batches never fill."""
+    upscale_delay_s: float = 30.0
+    """Autoscaling: how long load must stay above target before a replica is added."""
+    downscale_delay_s: float = 600.0
+    """Autoscaling: how long load must stay below target before a replica is removed."""
+    amp: Literal["none", "bf16", "fp16"] = "bf16"
+    """Autocast dtype of GPU replicas (CPU replicas always run float32)."""
+    ingress_min_replicas: int = 1
+    ingress_max_replicas: int = 2
+    """The HTTP ingress (parsing, decoding, resizing on CPU) autoscales apart from the model replicas."""
+    ingress_num_cpus: float = 1.0
+    ingress_max_ongoing_requests: int = 256
+    ingress_target_ongoing_requests: float = 32.0
+    request_timeout_s: float = 60.0
+    """A request still unanswered after this long gets an error instead of hanging."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
@@ -250,6 +266,21 @@ class ServeConfig:
                "must be at least 1 and at most serve.max_replicas")
         _check(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be positive")
         _check(self.max_images >= 1, "serve.max_images", "must be at least 1")
+        _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with '/'")
+        _check(self.max_request_bytes >= 1024, "serve.max_request_bytes", "must be at least 1024")
+        _check(self.max_pixels > 0, "serve.max_pixels", "must be positive")
+        _check(self.default_top_k >= 1, "serve.default_top_k", "must be at least 1")
+        _check(self.max_ongoing_requests >= self.max_batch_size, "serve.max_ongoing_requests",
+               "must be at least serve.max_batch_size (a replica never holds more images than this at once)")
+        _check(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0, "serve.upscale_delay_s",
+               "autoscaling delays must be >= 0")
+        _check(1 <= self.ingress_min_replicas <= self.ingress_max_replicas, "serve.ingress_min_replicas",
+               "must be at least 1 and at most serve.ingress_max_replicas")
+        _check(self.num_cpus >= 0 and self.ingress_num_cpus >= 0 and self.num_gpus >= 0, "serve.num_cpus",
+               "CPU and GPU amounts must be >= 0")
+        _check(self.ingress_max_ongoing_requests >= 1, "serve.ingress_max_ongoing_requests", "must be at least 1")
+        _check(self.ingress_target_ongoing_requests > 0, "serve.ingress_target_ongoing_requests", "must be positive")
+        _check(self.request_timeout_s > 0, "serve.request_timeout_s", "must be positive")
 
 
 @dataclass
