@@ -11,6 +11,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -22,23 +23,26 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float grayscale to 8 bits, scaled by the image's own range (not clipped at 255)."""
+    arr = np.asarray(img).astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    scaled = (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit integer grayscale: scale to 8 bits by the image's own range instead of clipping at 255.
-        lo, hi = img.getextrema()
-        scale = 255.0 / (hi - lo) if hi > lo else 1.0
-        img = img.point(lambda v: (v - lo) * scale).convert("L")
-    elif img.mode == "F":
-        lo, hi = img.getextrema()
-        scale = 255.0 / (hi - lo) if hi > lo else 1.0
-        img = img.point(lambda v: (v - lo) * scale).convert("L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+        rgb = Image.alpha_composite(background, rgba).convert("RGB")
+    else:
+        rgb = img.convert("RGB")
+    rgb.info = {}  # no transparency key, ICC profile or EXIF travels on with the validated pixels
+    return rgb
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class DecodedImage:
     """Frames in the source (only the first is used)."""
     transposed: bool
     """EXIF orientation rotated or flipped the image."""
+    flattened: bool
+    """An alpha channel or transparency key was composited on white."""
 
 
 def inspect_image(data: bytes, max_pixels: int) -> DecodedImage:
@@ -98,12 +104,12 @@ def _decode(data: bytes, max_pixels: int) -> DecodedImage:
     img.load()
     source_mode = img.mode
     orientation = img.getexif().get(0x0112, 1)
-    transposed = ImageOps.exif_transpose(img)
-    rgb = _to_rgb(transposed)
+    flattened = source_mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    rgb = _to_rgb(ImageOps.exif_transpose(img))
     rgb.load()
     if rgb.size[0] * rgb.size[1] > max_pixels:  # a frame or page larger than the header said
         raise ImageDecodeError("too_many_pixels", f"{rgb.size[0]}x{rgb.size[1]} exceeds the pixel limit")
-    return DecodedImage(rgb, fmt, source_mode, n_frames, orientation not in (None, 1, 0))
+    return DecodedImage(rgb, fmt, source_mode, n_frames, orientation not in (None, 0, 1), flattened)
 
 
 def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:

@@ -56,15 +56,22 @@ def _is_hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
-def _list_local(src: str) -> tuple[list[tuple[str, str]], list[dict[str, str]], int]:
-    """Walk a local tree without following directory symlinks; returns ``(uri, rel)`` pairs, skipped, hidden."""
+_Listing = tuple[list[tuple[str, str]], list[dict[str, str]], int, list[str]]
+
+
+def _list_local(src: str) -> _Listing:
+    """Walk a local tree without following directory symlinks; returns ``(uri, rel)`` file pairs, skipped
+    entries, the number of hidden entries and the relative paths of all directories."""
     root = os.path.realpath(src)
+    dirs: list[str] = []
     pairs: list[tuple[str, str]] = []
     skipped: list[dict[str, str]] = []
     hidden = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        if rel_dir:
+            dirs.append(rel_dir.rstrip("/"))
         for name in sorted(dirnames):
             full = os.path.join(dirpath, name)
             if name.startswith("."):
@@ -87,14 +94,14 @@ def _list_local(src: str) -> tuple[list[tuple[str, str]], list[dict[str, str]], 
                                 "detail": "the symlink leads outside SRC; not followed"})
                 continue
             pairs.append((full, rel_dir + name))
-    return pairs, skipped, hidden
+    return pairs, skipped, hidden, dirs
 
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _list_remote(src: str) -> tuple[list[tuple[str, str]], list[dict[str, str]], int]:
+def _list_remote(src: str) -> _Listing:
     prefix = src.rstrip("/")
     _, base = storage.resolve(prefix)
     pairs: list[tuple[str, str]] = []
@@ -108,7 +115,7 @@ def _list_remote(src: str) -> tuple[list[tuple[str, str]], list[dict[str, str]],
             continue
         pairs.append((f"{prefix}/{rel}", rel))
     pairs.sort(key=lambda p: p[1])
-    return pairs, [], hidden
+    return pairs, [], hidden, []
 
 
 def _check_source(src: str) -> None:
@@ -135,12 +142,14 @@ def scan_source(src: str) -> ScanResult:
     """
     _check_source(src)
     try:
-        pairs, skipped, hidden = _list_remote(src) if storage.is_remote(src) else _list_local(src)
+        pairs, skipped, hidden, dirs = _list_remote(src) if storage.is_remote(src) else _list_local(src)
     except storage.StorageError as exc:
         raise IngestError(f"cannot list SRC: {exc}") from None
-    top_dirs = {rel.split("/")[0] for _, rel in pairs if "/" in rel}
+    top_dirs = {rel.split("/")[0] for _, rel in pairs if "/" in rel} | {d for d in dirs if "/" not in d}
     presplit = "train" in top_dirs and top_dirs <= set(SPLIT_DIRS)
     depth = 2 if presplit else 1
+    # Class folders without any file still count as classes, so that they fail the "no valid image" check.
+    empty_classes = {d.split("/")[depth - 1] for d in dirs if d.count("/") == depth - 1}
     files: list[SourceFile] = []
     for uri, rel in pairs:
         parts = rel.split("/")
@@ -151,7 +160,7 @@ def scan_source(src: str) -> ScanResult:
             continue
         split = parts[0] if presplit else None
         files.append(SourceFile(uri, rel, parts[depth - 1], split))
-    classes = sorted({f.class_name for f in files})
+    classes = sorted({f.class_name for f in files} | empty_classes)
     if not files:
         raise IngestError(f"SRC {src} holds no class folders with files: expected SRC/<class>/<image> "
                           f"(or SRC/train/<class>/<image> for a pre-split tree)")

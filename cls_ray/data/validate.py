@@ -75,6 +75,7 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         ``{"sha256", "width", "height", "format", "encoding": "original"|"jpeg"|"png", "resized", "image"}``
         for a valid image, or ``{"reason", "detail"}`` for a refused one.
     """
+    Image.MAX_IMAGE_PIXELS = opts.max_pixels  # Pillow's own bomb guard follows ours, not its default
     try:
         data = _read(uri)
     except OSError as exc:
@@ -85,7 +86,8 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
     except ImageDecodeError as exc:
         return {"reason": exc.reason, "detail": str(exc)[:300], "sha256": digest}
     keep = (decoded.format in KEEPABLE_FORMATS and decoded.source_mode in KEEPABLE_MODES
-            and decoded.n_frames == 1 and not decoded.transposed and max(decoded.image.size) <= opts.max_side)
+            and decoded.n_frames == 1 and not decoded.transposed and not decoded.flattened
+            and max(decoded.image.size) <= opts.max_side)
     if keep:
         image, kind, resized = data, "original", False
     else:
@@ -98,11 +100,17 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
             "resized": resized, "image": image}
 
 
-def _init_worker(env: dict[str, str]) -> None:
+def _init_worker(env: dict[str, str], quiet: bool) -> None:
     # Workers fork from the forkserver, which may predate the caller's environment (S3 endpoint, credentials).
     for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
         os.environ.pop(key)
     os.environ.update(env)
+    if quiet:
+        # libtiff and other C decoders print warnings about hostile files straight to fd 2; each refusal is
+        # reported in the manifest instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
 
 
 def _failure(future: Any, timeout_s: float) -> dict[str, Any] | None:
@@ -119,8 +127,9 @@ def _failure(future: Any, timeout_s: float) -> dict[str, Any] | None:
         return {"reason": "decoder_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-def validate_files(uris: Sequence[str], opts: EncodeOptions, num_workers: int, timeout_s: float,
-                   on_result: Callable[[int, dict[str, Any]], None] | None = None) -> Iterator[tuple[int, dict]]:
+def validate_files(uris: Sequence[str], opts: EncodeOptions, num_workers: int, timeout_s: float, *,
+                   validate: Callable[[str, EncodeOptions], dict[str, Any]] = validate_file,
+                   quiet: bool = True) -> Iterator[tuple[int, dict]]:
     """Validate ``uris`` in ``num_workers`` processes; yields ``(index, result)`` as files finish (any order).
 
     Args:
@@ -128,27 +137,25 @@ def validate_files(uris: Sequence[str], opts: EncodeOptions, num_workers: int, t
         opts: decoding limits and encoding choices.
         num_workers: worker processes.
         timeout_s: per-file time bound; a file over it is refused with reason ``timeout``.
-        on_result: called with every result as it arrives (progress bars).
+        validate: the per-file function run in the workers (a module-level function).
+        quiet: silence the workers' stderr (C decoders' warnings about broken files).
     """
     from pebble import ProcessPool
 
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
     context = multiprocessing.get_context("forkserver")
     window = max(64, num_workers * 16)  # bounded in-flight work: results hold image bytes
-    with ProcessPool(max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env,)) as pool:
+    with ProcessPool(max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env, quiet)) as pool:
         pending: dict[Any, int] = {}
         index = 0
         while index < len(uris) or pending:
             while index < len(uris) and len(pending) < window:
-                pending[pool.schedule(validate_file, args=(uris[index], opts), timeout=timeout_s)] = index
+                pending[pool.schedule(validate, args=(uris[index], opts), timeout=timeout_s)] = index
                 index += 1
             done = _wait_first(pending)
             for future in done:
                 i = pending.pop(future)
-                result = _failure(future, timeout_s)
-                if on_result is not None:
-                    on_result(i, result)
-                yield i, result
+                yield i, _failure(future, timeout_s)
 
 
 def _wait_first(pending: dict[Any, int]) -> set[Any]:
