@@ -83,11 +83,15 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
+    crop_pct: float | None = None
+    """Eval crop fraction (resize to ``image_size / crop_pct``, center crop); None uses the model's default.
+    1.0 keeps the whole image (small images such as 28 px Fashion-MNIST)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size is None or self.image_size >= 8, "model.image_size", "must be at least 8")
         _check(0 <= self.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+        _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "model.crop_pct", "must be in (0, 1] or null")
         _check(self.mode != "frozen" or self.pretrained is not None, "model.mode",
                "'frozen' needs model.pretrained (a frozen random backbone learns nothing)")
 
@@ -108,12 +112,28 @@ class DataConfig:
     re_prob: float = 0.25
     """Random erasing probability."""
     mixup: float = 0.0
+    """timm Mixup alpha; 0 disables mixup."""
     cutmix: float = 0.0
+    """timm CutMix alpha; 0 disables cutmix."""
+    mixup_prob: float = 1.0
+    """Probability of applying mixup or cutmix to a batch."""
+    mixup_switch_prob: float = 0.5
+    """Probability of cutmix instead of mixup when both are enabled."""
     label_smoothing: float = 0.1
     balanced_sampling: bool = False
-    """Oversample rare classes so every class is seen equally often."""
+    """Resample the train split every epoch so each class is seen equally often (rare classes oversampled, common
+    ones undersampled; the epoch keeps about the split's size)."""
+    shuffle: Literal["global", "local"] = "global"
+    """``global``: a full Ray Data shuffle of the encoded rows every epoch (exact; memory ~ the split's encoded size).
+    ``local``: shuffle the block order plus a per-worker buffer of ``local_shuffle_buffer`` decoded rows (for splits
+    much larger than the cluster's object store)."""
+    local_shuffle_buffer: int = 4096
     decode_concurrency: int | None = None
     """Ray Data CPU tasks decoding in parallel; None lets Ray Data decide."""
+    decode_cpus: float = 1.0
+    """CPUs one decode task reserves."""
+    prefetch_batches: int = 2
+    """Batches each training worker keeps ready ahead of the one it trains on."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
@@ -123,6 +143,12 @@ class DataConfig:
         for key in ("hflip", "re_prob"):
             _check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be in [0, 1]")
         _check(0 <= self.label_smoothing < 1, "data.label_smoothing", "must be in [0, 1)")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "data.mixup / data.cutmix", "must be >= 0")
+        _check(self.mixup + self.cutmix == 0 or self.batch_size % 2 == 0, "data.batch_size",
+               "must be even when data.mixup or data.cutmix is on (timm Mixup pairs samples)")
+        _check(self.local_shuffle_buffer >= 1, "data.local_shuffle_buffer", "must be at least 1")
+        _check(self.decode_cpus > 0, "data.decode_cpus", "must be positive")
+        _check(self.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
 
 
 @dataclass
@@ -139,8 +165,14 @@ class OptimConfig:
     """Step schedule: epochs between decays."""
     decay_rate: float = 0.1
     min_lr: float = 1e-6
+    warmup_lr: float = 1e-5
+    """Learning rate at the start of the warmup."""
+    sched_on_updates: bool = False
+    """Step the schedule after every optimizer update instead of once per epoch (smoother for short runs)."""
     grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None disables clipping."""
     grad_accum_steps: int = 1
+    """Micro-batches per optimizer update (effective batch = batch_size * num_workers * grad_accum_steps)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be positive")
@@ -169,8 +201,12 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improvement; None disables it."""
     loss: Literal["ce", "focal"] = "ce"
+    """``ce``: cross-entropy (soft targets under mixup); ``focal``: softmax focal loss (for imbalanced classes)."""
+    focal_gamma: float = 2.0
     class_weighted_loss: bool = False
+    """Weight the loss of class c by N / (C * count_c) from the train split's counts."""
     ema: bool = False
+    """Keep an EMA of the weights (timm ModelEmaV3); validation, checkpoint selection and the package use it."""
     ema_decay: float = 0.9998
     keep_checkpoints: int = 2
     storage_path: str = "runs"
@@ -186,6 +222,8 @@ class TrainConfig:
         _check(self.num_workers >= 1, "train.num_workers", "must be at least 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
         _check(self.eval_every >= 1, "train.eval_every", "must be at least 1")
+        _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
+        _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)")
         _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
@@ -210,9 +248,20 @@ class TuneConfig:
     storage_path: str = "runs"
     evaluate_test: bool = True
     """Re-evaluate the promoted model on the test split."""
+    startup_trials: int | None = None
+    """Random trials before TPE models the results; None: a third of num_samples, at least 2, at most 10."""
+    resume: bool = True
+    """Continue an existing experiment of the same name (finished trials are kept, unfinished ones resume from
+    their last checkpoint); false refuses to touch an existing experiment."""
+    resume_errored: bool = False
+    """On resume, also re-run errored trials from their last checkpoint (false keeps them recorded as errored)."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", "must be at least 1")
+        _check(self.startup_trials is None or self.startup_trials >= 1, "tune.startup_trials",
+               "must be at least 1 or null")
+        _check(self.experiment_name != "" and "/" not in self.experiment_name, "tune.experiment_name",
+               "must be a non-empty name without '/'")
         _check(self.max_epochs >= 1, "tune.max_epochs", "must be at least 1")
         _check(1 <= self.grace_period <= self.max_epochs, "tune.grace_period", "must be in [1, tune.max_epochs]")
         _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be at least 2")
@@ -283,6 +332,29 @@ class ServeConfig:
         _check(self.request_timeout_s > 0, "serve.request_timeout_s", "must be positive")
 
 
+PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "serve")
+
+
+@dataclass
+class PipelineConfig:
+    """Which stages ``cls-ray pipeline`` runs, in chain order."""
+
+    stages: list[str] = field(default_factory=lambda: ["ingest", "tune", "train", "evaluate"])
+    """Any of ingest, tune, train, evaluate, serve. With both tune and train, the search runs on
+    ``tune_subset_per_class`` images per class and the winning configuration is then trained on the full data."""
+    tune_subset_per_class: int | None = None
+    """Search on at most this many training images per class (a quick proxy task); None searches on everything."""
+    serve_samples: int = 8
+    """Test images sent over HTTP to the served model at the end of the pipeline."""
+
+    def __post_init__(self) -> None:
+        for stage in self.stages:
+            _check(stage in PIPELINE_STAGES, "pipeline.stages", f"unknown stage {stage!r}; choose from "
+                   f"{', '.join(PIPELINE_STAGES)}")
+        _check(self.tune_subset_per_class is None or self.tune_subset_per_class >= 3,
+               "pipeline.tune_subset_per_class", "must be at least 3 (one image per split) or null")
+
+
 @dataclass
 class Config:
     """The whole chain; each stage reads its own section."""
@@ -294,6 +366,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     source: str | None = None
     """Pipeline input: class folders (local or s3://)."""
     workdir: str = "runs/pipeline"
