@@ -88,7 +88,8 @@ def describe_error(uri: str, exc: BaseException) -> str:
         low = text.lower()
         if "curl" in low or "connect" in low or "timeout" in low or "resolve" in low:
             hint = " (is the S3 endpoint reachable? check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)"
-        elif "access denied" in low or "forbidden" in low or "signature" in low or "invalidaccesskeyid" in low:
+        elif any(k in low for k in ("access denied", "access_denied", "forbidden", "signature",
+                                    "invalidaccesskeyid", "invalid_access_key_id")):
             hint = " (check the AWS credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"
         elif "nosuchbucket" in low or "bucket does not exist" in low:
             hint = " (the bucket does not exist)"

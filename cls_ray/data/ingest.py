@@ -115,14 +115,18 @@ def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[
     uris = [f.uri for f in scan.files]
     logger.info("validating %d files with %d worker processes", len(uris), workers)
     with tqdm(total=len(uris), desc="validating", unit="img", disable=None) as bar:
-        for i, result in validate_files(uris, opts, workers, cfg.file_timeout_s):
-            bar.update(1)
-            f = scan.files[i]
-            if "reason" in result:
-                skipped.append({"path": f.path, "reason": result["reason"], "detail": result["detail"]})
-                continue
-            items.append(Item(f.path, labels[f.class_name], result["sha256"], f.split))
-            facts[f.path] = {"where": spool.put(result.pop("image")), **result}
+        try:
+            for i, result in validate_files(uris, opts, workers, cfg.file_timeout_s):
+                bar.update(1)
+                f = scan.files[i]
+                if "reason" in result:
+                    skipped.append({"path": f.path, "reason": result["reason"], "detail": result["detail"]})
+                    continue
+                items.append(Item(f.path, labels[f.class_name], result["sha256"], f.split))
+                facts[f.path] = {"where": spool.put(result.pop("image")), **result}
+        except RuntimeError as exc:  # pebble: the pool itself could not start its workers
+            raise IngestError(f"the validation worker processes failed to start ({exc}); a script that calls "
+                              f"ingest() must guard its entry point with `if __name__ == '__main__':`") from None
     skipped.sort(key=lambda s: s["path"])
     return items, facts, skipped
 
@@ -183,8 +187,8 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         if summary:
             print_ingest_summary(existing)
         return existing
-    _check_dest(dest, src)
     scan = scan_source(src)
+    _check_dest(dest, src)
     spool = _Spool()
     try:
         items, facts, skipped = _validate(scan, cfg, spool)

@@ -43,13 +43,10 @@ class _Batch:
     nbytes: int = 0
 
     def table(self) -> pa.Table:
-        return pa.table({
-            "image": pa.array([r.image for r in self.rows], pa.binary()),
-            "label": pa.array([r.label for r in self.rows], pa.int64()),
-            "path": pa.array([r.path for r in self.rows], pa.string()),
-            "width": pa.array([r.width for r in self.rows], pa.int32()),
-            "height": pa.array([r.height for r in self.rows], pa.int32()),
-        }, schema=SCHEMA)
+        columns = ([r.image for r in self.rows], [r.label for r in self.rows], [r.path for r in self.rows],
+                   [r.width for r in self.rows], [r.height for r in self.rows])
+        return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SCHEMA, strict=True)],
+                                    schema=SCHEMA)
 
 
 class ShardWriter:
