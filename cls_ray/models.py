@@ -72,16 +72,33 @@ def _load_pretrained_file(model: nn.Module, uri: str) -> None:
     logger.info("loaded %d tensors from %s (%d dropped: new classifier head)", len(kept), uri, len(dropped))
 
 
+def model_kwargs(cfg: ModelConfig) -> dict:
+    """Architecture kwargs beyond ``num_classes`` that shape the weights (recorded in the model package so
+    :func:`cls_ray.export.load_model_package` rebuilds the same model)."""
+    if cfg.image_size and _accepts_img_size(cfg.name):
+        return {"img_size": cfg.image_size}
+    return {}
+
+
+def _accepts_img_size(name: str) -> bool:
+    # Transformers (ViT, Swin, ...) size their position embeddings from img_size; CNNs take any input size
+    # and refuse the kwarg. Building on the meta device costs no memory.
+    try:
+        with torch.device("meta"):
+            timm.create_model(name.split(".")[0], pretrained=False, num_classes=1, img_size=224)
+    except TypeError:
+        return False
+    return True
+
+
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Create a timm model for ``num_classes`` classes, load its pretrained weights and apply ``cfg.mode``."""
     check_architecture(cfg.name)
     pretrained = cfg.pretrained
     from_hub = bool(pretrained) and cfg.mode != "scratch" and not _is_weights_file(pretrained)
-    kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate}
+    kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate, **model_kwargs(cfg)}
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    if cfg.image_size and "vit" in cfg.name:
-        kwargs["img_size"] = cfg.image_size
     name = pretrained if from_hub and "." in pretrained else cfg.name
     model = timm.create_model(name, pretrained=from_hub, **kwargs)
     if pretrained and cfg.mode != "scratch" and not from_hub:
@@ -89,6 +106,20 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.mode == "frozen":
         freeze_backbone(model)
     return model
+
+
+def data_config_for(cfg: ModelConfig) -> dict:
+    """The preprocessing (timm data config) of the model ``cfg`` describes, without allocating its weights."""
+    check_architecture(cfg.name)
+    # A hub tag (``resnet50.a1_in1k``) carries its own mean/std/crop; weight files use the architecture's default.
+    hub_tag = cfg.pretrained if cfg.pretrained and not _is_weights_file(cfg.pretrained) else None
+    name = hub_tag if hub_tag and "." in hub_tag else cfg.name
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=1, **model_kwargs(cfg))
+    data_config = model_data_config(model, cfg.image_size)
+    if cfg.crop_pct is not None:
+        data_config["crop_pct"] = float(cfg.crop_pct)
+    return data_config
 
 
 def freeze_backbone(model: nn.Module) -> None:

@@ -1,0 +1,164 @@
+"""The Ray Data input pipeline: dataset shards -> decode + augment in CPU tasks -> uint8 batches on each worker.
+
+The driver builds one lazy :class:`ray.data.Dataset` per split (:func:`build_train_dataset`,
+:func:`build_eval_dataset`); Ray Train splits them across its workers, and every worker pulls batches with
+:func:`iter_train_batches` / :func:`iter_eval_batches`. Decoding and augmentation run in Ray Data tasks that scale
+apart from the training workers; workers receive uint8 NCHW tensors and normalise them on their own device
+(:func:`cls_ray.data.transforms.normalize`), so CPU tasks ship 4x fewer bytes than float tensors.
+
+Each epoch re-executes the dataset, so the train split is reshuffled (and, with balanced sampling, resampled) every
+epoch. Only the ``image`` and ``label`` columns are read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cls_ray import storage
+from cls_ray.config import DataConfig
+from cls_ray.data import manifest as manifest_lib
+from cls_ray.data.images import decode_image
+from cls_ray.data.transforms import create_eval_transform, create_train_transform, to_uint8_array
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+logger = logging.getLogger(__name__)
+
+READ_COLUMNS = ["image", "label"]
+DECODE_BATCH_ROWS = 256
+"""Rows one decode task call handles: big enough to amortise task overhead, small enough to stream."""
+
+
+class DecodeBatch:
+    """Ray Data batch UDF: encoded ``image`` bytes -> uint8 NCHW ``image`` array through one timm transform.
+
+    The same class decodes evaluation batches outside Ray (``cls-ray evaluate``), so evaluation inputs are
+    byte-identical to those of validation during training.
+
+    Args:
+        data_config: The model's timm data config (input size, interpolation, crop).
+        data_cfg: Train-time augmentation settings; None builds the eval transform (resize + center crop).
+        max_pixels: Refuse images with more pixels (ingest validated them already; this is defence in depth).
+    """
+
+    def __init__(self, data_config: dict[str, Any], data_cfg: DataConfig | None = None,
+                 max_pixels: int = 64_000_000):
+        self.data_config = data_config
+        self.data_cfg = data_cfg
+        self.max_pixels = max_pixels
+        self._transform = None
+
+    def _get_transform(self):
+        # Built lazily inside the task: timm transforms hold PIL/torch state that need not be pickled.
+        if self._transform is None:
+            self._transform = (create_train_transform(self.data_config, self.data_cfg) if self.data_cfg
+                               else create_eval_transform(self.data_config))
+        return self._transform
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_transform": None}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        transform = self._get_transform()
+        images = [to_uint8_array(transform(decode_image(bytes(data), self.max_pixels)[0])) for data in batch["image"]]
+        size = self.data_config["input_size"]
+        stacked = np.stack(images) if images else np.zeros((0, *size), dtype=np.uint8)
+        return {"image": stacked, "label": np.asarray(batch["label"], dtype=np.int64)}
+
+
+class BalancedResample:
+    """Ray Data batch UDF on encoded rows: repeat each row ``N / (C * count[label])`` times in expectation.
+
+    Rare classes are oversampled and common ones undersampled (stochastic rounding of the repeat count), so every
+    class is seen about equally often and an epoch keeps about the split's size. Runs before the shuffle, on the
+    small encoded rows, and draws fresh counts every epoch.
+
+    Args:
+        class_counts: Rows per label in the train split.
+    """
+
+    def __init__(self, class_counts: list[int]):
+        counts = np.asarray(class_counts, dtype=np.float64)
+        present = counts > 0
+        self.weights = np.zeros_like(counts)
+        self.weights[present] = counts.sum() / (present.sum() * counts[present])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng()
+        expected = self.weights[np.asarray(batch["label"], dtype=np.int64)]
+        repeats = np.floor(expected).astype(np.int64)
+        repeats += rng.random(len(expected)) < (expected - repeats)
+        return {key: np.repeat(np.asarray(values), repeats, axis=0) for key, values in batch.items()}
+
+
+def read_split(data_uri: str, manifest: dict[str, Any], split: str) -> ray.data.Dataset:
+    """Lazily read the ``image`` and ``label`` columns of one split's Parquet shards."""
+    import ray.data
+
+    uris = manifest_lib.split_shard_uris(data_uri, manifest, split)
+    if not uris:
+        raise manifest_lib.ManifestError(f"{data_uri}: split {split!r} has no shards")
+    filesystem, _ = storage.resolve(uris[0])
+    paths = [storage.resolve(uri)[1] for uri in uris]
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=READ_COLUMNS)
+
+
+def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: dict[str, Any], cfg: DataConfig,
+                        *, seed: int = 0, max_pixels: int = 64_000_000) -> ray.data.Dataset:
+    """The train split: (balanced resample) -> shuffle -> decode + augment, re-run every epoch.
+
+    With ``cfg.shuffle == "global"`` the encoded rows get a full shuffle seeded by ``seed`` and the epoch index
+    (reproducible, different each epoch); with ``"local"`` the block order is shuffled here and each worker
+    shuffles a buffer of decoded rows (:func:`iter_train_batches`).
+    """
+    import ray.data
+
+    ds = read_split(data_uri, manifest, "train")
+    if cfg.balanced_sampling:
+        counts = manifest["splits"]["train"]["class_counts"]
+        ds = ds.map_batches(BalancedResample(counts), batch_format="numpy", batch_size=DECODE_BATCH_ROWS,
+                            num_cpus=cfg.decode_cpus)
+    seed_config = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    ds = ds.random_shuffle(seed=seed_config) if cfg.shuffle == "global" else ds.randomize_block_order(seed=seed_config)
+    return _decode(ds, DecodeBatch(data_config, cfg, max_pixels), cfg)
+
+
+def build_eval_dataset(data_uri: str, manifest: dict[str, Any], split: str, data_config: dict[str, Any],
+                       cfg: DataConfig, *, max_pixels: int = 64_000_000) -> ray.data.Dataset:
+    """A validation or test split: decode + resize + center crop, in manifest order, no augmentation."""
+    return _decode(read_split(data_uri, manifest, split), DecodeBatch(data_config, None, max_pixels), cfg)
+
+
+def _decode(ds: ray.data.Dataset, fn: DecodeBatch, cfg: DataConfig) -> ray.data.Dataset:
+    return ds.map_batches(fn, batch_format="numpy", batch_size=DECODE_BATCH_ROWS, num_cpus=cfg.decode_cpus,
+                          concurrency=cfg.decode_concurrency, udf_modifying_row_count=False)
+
+
+def iter_train_batches(shard: ray.data.DataIterator, cfg: DataConfig,
+                       device: torch.device) -> Any:
+    """Full uint8 batches of one worker's train shard on ``device``: ``{"image": NCHW uint8, "label": int64}``.
+
+    ``drop_last`` keeps every DDP rank at the same number of equally sized steps (Ray Train splits the train
+    dataset into equal shards).
+    """
+    import torch
+
+    return shard.iter_torch_batches(
+        batch_size=cfg.batch_size, drop_last=True, device=device, prefetch_batches=cfg.prefetch_batches,
+        dtypes={"image": torch.uint8, "label": torch.int64},
+        local_shuffle_buffer_size=cfg.local_shuffle_buffer if cfg.shuffle == "local" else None,
+    )
+
+
+def iter_eval_batches(shard: ray.data.DataIterator, cfg: DataConfig, device: torch.device) -> Any:
+    """Every row of one worker's evaluation shard, in batches of ``cfg.eval_batch_size``."""
+    import torch
+
+    return shard.iter_torch_batches(batch_size=cfg.eval_batch_size, drop_last=False, device=device,
+                                    prefetch_batches=cfg.prefetch_batches,
+                                    dtypes={"image": torch.uint8, "label": torch.int64})

@@ -1,0 +1,257 @@
+"""Driver side of training: validate the run, assemble the ``TorchTrainer``, run it, package the best checkpoint.
+
+:func:`build_trainer` is what Ray Tune trials call; :func:`train` is ``cls-ray train``: one run under
+``{train.storage_path}/{train.run_name}`` that resumes from its latest checkpoint when re-run with the same name,
+and ends with a model package of the best checkpoint in ``RUN/package``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import timm
+from ray.train.torch import TorchTrainer
+
+from cls_ray import storage
+from cls_ray.config import Config, ConfigError, to_dict, write_resolved
+from cls_ray.data import manifest as manifest_lib
+from cls_ray.data.pipeline import build_eval_dataset, build_train_dataset
+from cls_ray.export import save_model_package
+from cls_ray.metrics import SCALAR_METRICS
+from cls_ray.models import check_architecture, data_config_for, model_kwargs
+from cls_ray.train.loop import HISTORY_FILE, RunSpec, train_loop_per_worker
+from cls_ray.train.state import read_package_weights, read_progress
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = "package"
+#: Keys every report carries; ``val_*`` keys appear from the first evaluation on.
+REPORT_METRICS = ("epoch", "train_loss", "img_per_s", "data_wait_frac", "epoch_time_s", "lr",
+                  *(f"val_{k}" for k in SCALAR_METRICS))
+
+
+@dataclass
+class TrainResult:
+    """What ``cls-ray train`` produced."""
+
+    run_uri: str
+    package_uri: str
+    metrics: dict[str, float]
+    """Metrics of the best checkpoint (by ``train.metric``)."""
+    checkpoint_uri: str
+
+
+class _EvalSplitsExact(ray.train.DataConfig):
+    """Train is split into equal shards (every DDP rank takes the same number of steps); evaluation splits are
+    split without dropping rows, so validation metrics cover every image exactly once."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        # Ray Train V2 configures one dataset at a time, the first time the workers ask for its shard.
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if name == "train":
+                parts = super().configure({name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)
+                for i, part in enumerate(parts):
+                    output[i].update(part)
+                continue
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                output[i][name] = split
+        return output
+
+
+def ensure_ray() -> None:
+    """Connect to the Ray cluster (``RAY_ADDRESS``) or start a local one, once per process."""
+    if not ray.is_initialized():
+        ray.init()
+
+
+def _check_metric(cfg: Config) -> None:
+    if cfg.train.metric not in REPORT_METRICS:
+        raise ConfigError(f"train.metric: {cfg.train.metric!r} is not a reported metric; choose one of "
+                          f"{', '.join(k for k in REPORT_METRICS if k.startswith('val_'))}")
+
+
+def _check_pretrained(cfg: Config) -> None:
+    from cls_ray.models import WEIGHT_SUFFIXES
+
+    pretrained = cfg.model.pretrained
+    if pretrained and cfg.model.mode != "scratch" and (
+            storage.is_remote(pretrained) or pretrained.endswith(WEIGHT_SUFFIXES) or "/" in pretrained):
+        if not storage.exists(pretrained):
+            raise ConfigError(f"model.pretrained: no weights file at {pretrained}")
+
+
+def _check_placement(cfg: Config) -> None:
+    """Refuse a worker group the cluster cannot place, or one that leaves no CPU for the data pipeline."""
+    t = cfg.train
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    placeable = sum(min(int(res.get(k, 0) // v) for k, v in per_worker.items()) for res in nodes)
+    totals = ray.cluster_resources()
+    if placeable < t.num_workers:
+        have = ", ".join(f"{totals.get(k, 0):g} {k}" for k in per_worker)
+        raise ConfigError(f"train.num_workers: {t.num_workers} workers of {per_worker} do not fit this Ray cluster "
+                          f"({have} over {len(nodes)} node(s); at most {placeable} fit). Lower train.num_workers or "
+                          f"train.cpus_per_worker, or add nodes.")
+    spare = totals.get("CPU", 0) - t.num_workers * t.cpus_per_worker
+    if spare < cfg.data.decode_cpus:
+        raise ConfigError(f"train.cpus_per_worker: {t.num_workers} workers x {t.cpus_per_worker:g} CPU leave "
+                          f"{spare:g} of the cluster's {totals.get('CPU', 0):g} CPUs for Ray Data decoding, which "
+                          f"needs data.decode_cpus={cfg.data.decode_cpus:g}. Lower train.cpus_per_worker, "
+                          f"train.num_workers or data.decode_cpus.")
+
+
+def _updates_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
+    rows = manifest["splits"]["train"]["num_rows"] // cfg.train.num_workers
+    batches = rows // cfg.data.batch_size
+    if batches == 0:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than each worker's share of the train "
+                          f"split ({rows} rows for each of {cfg.train.num_workers} workers); lower it")
+    return math.ceil(batches / cfg.optim.grad_accum_steps)
+
+
+def _check_splits(data_uri: str, manifest: dict[str, Any]) -> None:
+    for split in ("train", "val"):
+        info = manifest["splits"].get(split)
+        if not info or not info.get("num_rows"):
+            raise manifest_lib.ManifestError(f"{data_uri}: the {split!r} split is empty; training needs train and "
+                                             f"val images (re-ingest with ingest.val_fraction > 0)")
+
+
+def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
+    """Every check that can fail before a worker starts; returns the manifest and the spec workers get.
+
+    Raises:
+        ManifestError: no manifest at ``data_uri``, an unknown manifest version, or an empty train/val split.
+        ConfigError: unknown model, unknown metric, missing weights file, a worker group the cluster cannot place.
+    """
+    manifest = manifest_lib.read_manifest(data_uri)
+    _check_splits(data_uri, manifest)
+    check_architecture(cfg.model.name)
+    _check_metric(cfg)
+    _check_pretrained(cfg)
+    ensure_ray()
+    _check_placement(cfg)
+    spec = RunSpec(classes=list(manifest["classes"]),
+                   class_counts=list(manifest["splits"]["train"]["class_counts"]),
+                   data_config=data_config_for(cfg.model), run_uri="",
+                   updates_per_epoch=_updates_per_epoch(manifest, cfg))
+    return manifest, spec
+
+
+def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: str,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` for one run at ``{storage_path}/{run_name}``; validates everything first.
+
+    Every worker reports once per epoch (keys in :data:`REPORT_METRICS`, the latest validation metrics carried
+    along); evaluation epochs carry a checkpoint, kept best-``train.keep_checkpoints`` by ``train.metric``.
+    """
+    manifest, spec = validate_run(data_uri, cfg)
+    spec.run_uri = storage.join(storage_path, run_name)
+    filesystem, path = storage.resolve(storage_path)
+    max_pixels = cfg.ingest.max_pixels
+    datasets = {
+        "train": build_train_dataset(data_uri, manifest, spec.data_config, cfg.data, seed=cfg.train.seed,
+                                     max_pixels=max_pixels),
+        "val": build_eval_dataset(data_uri, manifest, "val", spec.data_config, cfg.data, max_pixels=max_pixels),
+    }
+    t = cfg.train
+    run_config = ray.train.RunConfig(
+        name=run_name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks or None,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                                     checkpoint_score_attribute=t.metric,
+                                                     checkpoint_score_order=t.metric_mode),
+    )
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config={"cfg": cfg, "spec": spec},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=run_config, datasets=datasets, dataset_config=_EvalSplitsExact(),
+    )
+
+
+def _checkpoint_uri(checkpoint: ray.train.Checkpoint, storage_path: str) -> str:
+    return f"s3://{checkpoint.path}" if storage.is_remote(storage_path) else checkpoint.path
+
+
+def export_package(result: ray.train.Result, data_uri: str, cfg: Config, package_uri: str) -> str:
+    """Write the model package of the run's best checkpoint (by ``train.metric``) to ``package_uri``.
+
+    The package holds the EMA weights when the run kept an EMA (those were validated), else the raw weights.
+    """
+    checkpoint = _best_checkpoint(result, cfg)
+    manifest = manifest_lib.read_manifest(data_uri)
+    classes = list(manifest["classes"])
+    with checkpoint.as_directory() as directory:
+        state, is_ema = read_package_weights(directory)
+        progress = read_progress(directory)
+    kwargs = model_kwargs(cfg.model)
+    model = timm.create_model(cfg.model.name, pretrained=False, num_classes=len(classes), **kwargs)
+    model.load_state_dict(state)
+    meta = {
+        "architecture": cfg.model.name,
+        "classes": classes,
+        "data_config": data_config_for(cfg.model),
+        "model_kwargs": kwargs,
+        "metrics": {"epoch": progress.epoch, **progress.last_eval},
+        "dataset": {"uri": data_uri, "manifest_digest": manifest_lib.manifest_digest(manifest)},
+        "train_config": to_dict(cfg),
+        "weights": "ema" if is_ema else "raw",
+        "checkpoint": _checkpoint_uri(checkpoint, cfg.train.storage_path),
+    }
+    return save_model_package(package_uri, model, meta)
+
+
+def _best_checkpoint(result: ray.train.Result, cfg: Config) -> ray.train.Checkpoint:
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if cfg.train.metric in m]
+    if scored:
+        pick = max if cfg.train.metric_mode == "max" else min
+        return pick(scored, key=lambda cm: cm[1][cfg.train.metric])[0]
+    if result.checkpoint is None:
+        raise ValueError(f"run {result.path} holds no checkpoint to package (did it finish an evaluation epoch?)")
+    return result.checkpoint
+
+
+def _check_resume_compatible(run_uri: str, cfg: Config) -> None:
+    previous_uri = storage.join(run_uri, "config.yaml")
+    if not storage.exists(previous_uri):
+        return
+    import yaml
+
+    previous = yaml.safe_load(storage.read_bytes(previous_uri)) or {}
+    old = previous.get("model", {}).get("name")
+    if old and old != cfg.model.name:
+        raise ConfigError(f"train.run_name: run {run_uri} trains {old!r}, not {cfg.model.name!r}; a re-run resumes "
+                          f"it, so choose another train.run_name for a new model")
+
+
+def train(data_uri: str, cfg: Config) -> TrainResult:
+    """Train (or resume) the run ``{train.storage_path}/{train.run_name}`` and package its best checkpoint."""
+    run_uri = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    _check_resume_compatible(run_uri, cfg)
+    trainer = build_trainer(data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name)
+    write_resolved(cfg, run_uri)
+    logger.info("training %s on %s with %d worker(s); run %s", cfg.model.name, data_uri, cfg.train.num_workers,
+                run_uri)
+    result = trainer.fit()
+    package_uri = export_package(result, data_uri, cfg, storage.join(run_uri, PACKAGE_DIR))
+    best = _best_checkpoint(result, cfg)
+    with best.as_directory() as directory:
+        progress = read_progress(directory)
+    metrics = {"epoch": progress.epoch, **progress.last_eval}
+    logger.info("best epoch %d: %s; package %s; history %s", progress.epoch,
+                ", ".join(f"{k} {v:.4f}" for k, v in progress.last_eval.items() if k in ("val_top1", "val_f1_macro")),
+                package_uri, storage.join(run_uri, HISTORY_FILE))
+    return TrainResult(run_uri=run_uri, package_uri=package_uri, metrics=metrics,
+                       checkpoint_uri=_checkpoint_uri(best, cfg.train.storage_path))
+
+
