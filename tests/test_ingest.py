@@ -154,6 +154,9 @@ def test_presplit_tree_keeps_split_and_carves_val(small_digits, tmp_path):
 # Hostile input
 
 
+_NOT_READ = ("symlink_outside_source", "symlink_dir", "not_a_regular_file", "bad_filename")
+
+
 def test_pillow_images_and_odd_files(small_digits, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(PILLOW_IMAGES, src / "odd", symlinks=True)
@@ -167,6 +170,10 @@ def test_pillow_images_and_odd_files(small_digits, tmp_path):
     (src / "digit_1" / "link_out.png").symlink_to(outside)
     (src / "digit_1" / "linked_out_dir").symlink_to(small_digits / "digit_4")
     (src / "digit_1" / "linked_in_dir").symlink_to(src / "odd" / "bmp")
+    os.mkfifo(src / "digit_1" / "pipe.png")  # reading it would block forever
+    bad_name = os.path.join(os.fsencode(src / "digit_1"), b"bad\xff.png")
+    with open(bad_name, "wb") as f:
+        f.write((src / "digit_1" / "empty.png").read_bytes())
     n_files = sum(1 for p in PILLOW_IMAGES.rglob("*") if p.is_file() and not p.is_symlink()) + 21  # digits, empty.png
     manifest = ingest(str(src), str(tmp_path / "ds"), _cfg(file_timeout_s=60), summary=False)
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
@@ -178,6 +185,8 @@ def test_pillow_images_and_odd_files(small_digits, tmp_path):
     assert reasons["digit_1/link_out.png"] == "symlink_outside_source"
     assert reasons["digit_1/linked_out_dir"] == "symlink_outside_source"
     assert reasons["digit_1/linked_in_dir"] == "symlink_dir"
+    assert reasons["digit_1/pipe.png"] == "not_a_regular_file"
+    assert reasons["digit_1/bad\\xff.png"] == "bad_filename"
     assert not any(".hidden" in p or ".cache" in p for p in reasons)
     rows = _rows_by_split(str(tmp_path / "ds"), manifest)
     kept = [r for split_rows in rows.values() for r in split_rows]
@@ -185,7 +194,7 @@ def test_pillow_images_and_odd_files(small_digits, tmp_path):
     assert len(kept) > 500  # the decodable majority of Pillow's files is kept
     assert manifest["counts"]["files"] == n_files
     assert manifest["counts"]["files"] == len(kept) + manifest["counts"]["duplicates_dropped"] + sum(
-        1 for s in manifest["skipped"] if s["reason"] not in ("symlink_outside_source", "symlink_dir"))
+        1 for s in manifest["skipped"] if s["reason"] not in _NOT_READ)
     by_path = {r["path"]: r for r in kept}
     for name in ("hopper_orientation_6.jpg", "16bit.cropped.tif", "hopper_gray.jpg", "rgba.png", "cmyk.jpg"):
         matches = [p for p in by_path if p.endswith("/" + name)]
@@ -216,6 +225,14 @@ def test_exif_rotation_and_alpha_are_baked_in(tmp_path):
     assert big["resized"] and (big["width"], big["height"]) == (512, 171) and big["encoding"] == "png"
     cmyk = validate_file(str(src / "a" / "cmyk.jpg"), opts)
     assert cmyk["encoding"] == "jpeg" and Image.open(io.BytesIO(cmyk["image"])).mode == "RGB"
+
+
+def test_oversized_file_refused_unread(tmp_path):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(17 * 1024 * 1024)  # sparse: never read
+    result = validate_file(str(big), EncodeOptions(max_pixels=1000, max_side=512, jpeg_quality=90))
+    assert result["reason"] == "file_too_large" and "ingest.max_pixels=1000" in result["detail"]
 
 
 def crash_or_hang(uri: str, opts: EncodeOptions) -> dict:

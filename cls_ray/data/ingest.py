@@ -145,6 +145,15 @@ def _check_classes(items: list[Item], classes: list[str], cfg: IngestConfig, src
                           f"the folders (the manifest's skipped list says why files were refused)")
 
 
+def _warn_missing(splits: dict[str, list[Item]], classes: list[str]) -> None:
+    for split, items in splits.items():
+        present = {it.label for it in items}
+        missing = [name for i, name in enumerate(classes) if i not in present]
+        if items and missing:
+            logger.warning("split %s has no image of %d class(es): %s (fewer than 3 images, or none given in a "
+                           "pre-split tree)", split, len(missing), ", ".join(missing[:10]))
+
+
 def _write_shards(dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool,
                   num_classes: int, cfg: IngestConfig) -> dict[str, dict]:
     out = {}
@@ -198,6 +207,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         fractions = {"train": round(1 - cfg.val_fraction - cfg.test_fraction, 6), "val": cfg.val_fraction,
                      "test": cfg.test_fraction}
         splits, carved = assign_splits(kept, len(scan.classes), fractions, cfg.seed, scan.presplit)
+        _warn_missing(splits, scan.classes)
         _clear_dest(dest)
         split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg)
     finally:

@@ -70,7 +70,7 @@ def _list_local(src: str) -> _Listing:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        if rel_dir:
+        if rel_dir and not _refuse_name(rel_dir):
             dirs.append(rel_dir.rstrip("/"))
         for name in sorted(dirnames):
             full = os.path.join(dirpath, name)
@@ -79,7 +79,7 @@ def _list_local(src: str) -> _Listing:
             elif os.path.islink(full):
                 inside = _inside(os.path.realpath(full), root)
                 reason = "symlink_dir" if inside else "symlink_outside_source"
-                skipped.append({"path": rel_dir + name, "reason": reason,
+                skipped.append({"path": _printable(rel_dir + name), "reason": reason,
                                 "detail": "symlinked directories are not followed" if inside
                                 else "the symlink leads outside SRC; not followed"})
         dirnames[:] = sorted(d for d in dirnames
@@ -89,12 +89,33 @@ def _list_local(src: str) -> _Listing:
             if name.startswith("."):
                 hidden += 1
                 continue
-            if os.path.islink(full) and not _inside(os.path.realpath(full), root):
-                skipped.append({"path": rel_dir + name, "reason": "symlink_outside_source",
-                                "detail": "the symlink leads outside SRC; not followed"})
+            reason = _refuse_entry(full, rel_dir + name, root)
+            if reason:
+                skipped.append({"path": _printable(rel_dir + name), "reason": reason[0], "detail": reason[1]})
                 continue
             pairs.append((full, rel_dir + name))
     return pairs, skipped, hidden, dirs
+
+
+def _printable(rel: str) -> str:
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")  # undecodable bytes shown as \xNN
+
+
+def _refuse_entry(full: str, rel: str, root: str) -> tuple[str, str] | None:
+    """Why a directory entry is not even read, or None."""
+    if os.path.islink(full) and not _inside(os.path.realpath(full), root):
+        return "symlink_outside_source", "the symlink leads outside SRC; not followed"
+    if not os.path.isfile(full):  # FIFOs, sockets, devices (a read could block forever), broken symlinks
+        return "not_a_regular_file", "not a regular file"
+    return _refuse_name(rel)
+
+
+def _refuse_name(rel: str) -> tuple[str, str] | None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "bad_filename", "the file name is not valid UTF-8; rename it"
+    return None
 
 
 def _inside(path: str, root: str) -> bool:

@@ -18,11 +18,13 @@ import io
 import logging
 import multiprocessing
 import os
+import queue
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+from pebble import ProcessExpired, ProcessPool
 from PIL import Image
 
 from cls_ray import storage
@@ -45,11 +47,29 @@ class EncodeOptions:
     jpeg_quality: int
 
 
-def _read(uri: str) -> bytes:
+class _TooLarge(Exception):
+    pass
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """Largest file read at all: an uncompressed 16-bit RGBA image of ``max_pixels`` plus 16 MiB of metadata.
+    Anything bigger is refused before it is read (a video or archive in a class folder)."""
+    return max_pixels * 8 + 16 * 1024 * 1024
+
+
+def _read(uri: str, limit: int) -> bytes:
+    fs, path = storage.resolve(uri)
     if storage.is_remote(uri):
-        return storage.read_bytes(uri)
-    with open(uri, "rb") as f:
-        return f.read()
+        with fs.open_input_file(path) as f:
+            size = f.size()
+            if size > limit:
+                raise _TooLarge(size)
+            return f.read()
+    size = os.stat(path).st_size
+    if size > limit:
+        raise _TooLarge(size)
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
 
 
 def _encode(decoded: Any, opts: EncodeOptions) -> tuple[bytes, str, bool]:
@@ -76,8 +96,12 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         for a valid image, or ``{"reason", "detail"}`` for a refused one.
     """
     Image.MAX_IMAGE_PIXELS = opts.max_pixels  # Pillow's own bomb guard follows ours, not its default
+    limit = max_file_bytes(opts.max_pixels)
     try:
-        data = _read(uri)
+        data = _read(uri, limit)
+    except _TooLarge as exc:
+        return {"reason": "file_too_large", "detail": f"{exc.args[0]} bytes, above the {limit} read for "
+                                                      f"ingest.max_pixels={opts.max_pixels}"}
     except OSError as exc:
         return {"reason": "unreadable", "detail": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     digest = hashlib.sha256(data).hexdigest()
@@ -113,9 +137,7 @@ def _init_worker(env: dict[str, str], quiet: bool) -> None:
         os.close(devnull)
 
 
-def _failure(future: Any, timeout_s: float) -> dict[str, Any] | None:
-    from pebble import ProcessExpired
-
+def _failure(future: Any, timeout_s: float) -> dict[str, Any]:
     try:
         return future.result()
     except FutureTimeout:
@@ -140,26 +162,20 @@ def validate_files(uris: Sequence[str], opts: EncodeOptions, num_workers: int, t
         validate: the per-file function run in the workers (a module-level function).
         quiet: silence the workers' stderr (C decoders' warnings about broken files).
     """
-    from pebble import ProcessPool
-
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
     context = multiprocessing.get_context("forkserver")
+    # Imported once in the fork server (when this process starts it), not again in every worker.
+    context.set_forkserver_preload(["cls_ray.data.validate"])
     window = max(64, num_workers * 16)  # bounded in-flight work: results hold image bytes
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures arrive here as they finish, O(1) per file
     with ProcessPool(max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env, quiet)) as pool:
         pending: dict[Any, int] = {}
         index = 0
         while index < len(uris) or pending:
             while index < len(uris) and len(pending) < window:
-                pending[pool.schedule(validate, args=(uris[index], opts), timeout=timeout_s)] = index
+                future = pool.schedule(validate, args=(uris[index], opts), timeout=timeout_s)
+                pending[future] = index
+                future.add_done_callback(finished.put)
                 index += 1
-            done = _wait_first(pending)
-            for future in done:
-                i = pending.pop(future)
-                yield i, _failure(future, timeout_s)
-
-
-def _wait_first(pending: dict[Any, int]) -> set[Any]:
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-    return done
+            future = finished.get()
+            yield pending.pop(future), _failure(future, timeout_s)

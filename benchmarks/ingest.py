@@ -1,0 +1,150 @@
+"""Ingest throughput: images/s (and per core) of ``cls-ray ingest`` against a bare single-process decode loop.
+
+Input: real Fashion-MNIST images, upscaled to 224 px RGB JPEGs in class folders (a photo-like workload: every file
+is a JPEG that must be read, hashed and fully decoded). Measured, each on the same files:
+
+- baseline: one process, ``Image.open(f).convert("RGB")`` per file (no hashing, no writing);
+- the validation stage alone, on the pebble process pool that ingest uses and on Ray Data (``map`` over the file
+  list), to choose between them; "cold" includes starting the workers (the fork server, or ``ray.init``), "warm"
+  and "job only" do not;
+- the whole ``ingest`` to local disk and to S3 (a moto server started here, in its own process).
+
+Run: ``.venv/bin/python benchmarks/ingest.py [--images 3000] [--workers 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cls_ray.config import IngestConfig
+from cls_ray.data.fashion_mnist import CLASSES, load_split
+from cls_ray.data.ingest import ingest
+from cls_ray.data.validate import EncodeOptions, validate_file, validate_files
+
+
+def make_images(root: Path, total: int, side: int = 224) -> list[str]:
+    """``total`` Fashion-MNIST train images as ``root/<class>/NNNNN.jpg``, upscaled to ``side`` px RGB JPEGs."""
+    images, labels = load_split("/usr/share/datasets/fashion-mnist", "train")
+    per_class = total // len(CLASSES)
+    files = []
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(labels == c)[:per_class]:
+            path = root / name / f"{i:05d}.jpg"
+            Image.fromarray(images[i]).resize((side, side), Image.BICUBIC).convert("RGB").save(path, quality=90)
+            files.append(str(path))
+    return sorted(files)
+
+
+def baseline(files: list[str]) -> float:
+    start = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh:
+            Image.open(io.BytesIO(fh.read())).convert("RGB")
+    return time.perf_counter() - start
+
+
+def pool_validation(files: list[str], workers: int) -> float:
+    start = time.perf_counter()
+    n = sum(1 for _ in validate_files(files, EncodeOptions(64_000_000, 512, 90), workers, 60.0))
+    assert n == len(files)
+    return time.perf_counter() - start
+
+
+def ray_validation(files: list[str], workers: int) -> tuple[float, float]:
+    """Returns (seconds including ``ray.init``, seconds of the Ray Data job alone)."""
+    import ray
+
+    start = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False)
+    ready = time.perf_counter()
+    opts = EncodeOptions(64_000_000, 512, 90)
+
+    def check(row: dict) -> dict:
+        result = validate_file(row["uri"], opts)
+        return {"uri": row["uri"], "ok": "sha256" in result, "nbytes": len(result.get("image", b""))}
+
+    n = ray.data.from_items([{"uri": f} for f in files]).map(check).count()
+    assert n == len(files)
+    end = time.perf_counter()
+    ray.shutdown()
+    return end - start, end - ready
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1"})
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return proc, endpoint
+
+
+def timed_ingest(src: str, dest: str, cfg: IngestConfig) -> float:
+    start = time.perf_counter()
+    ingest(src, dest, cfg, summary=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-ray", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cls-ray-bench-") as tmp:
+        src = Path(tmp) / "src"
+        files = make_images(src, args.images)
+        n, w = len(files), args.workers
+        cfg = IngestConfig(num_workers=w)
+        rows = [("baseline: 1 process, open+decode only", baseline(files), 1)]
+        rows.append((f"validation stage, pebble pool ({w} procs), cold", pool_validation(files, w), w))
+        rows.append((f"validation stage, pebble pool ({w} procs), warm", pool_validation(files, w), w))
+        if not args.skip_ray:
+            with_init, job = ray_validation(files, w)
+            rows.append((f"validation stage, Ray Data map ({w} CPUs), cold (ray.init)", with_init, w))
+            rows.append((f"validation stage, Ray Data map ({w} CPUs), job only", job, w))
+        rows.append((f"ingest -> local disk ({w} procs)", timed_ingest(str(src), f"{tmp}/ds", cfg), w))
+        small = IngestConfig(num_workers=w, max_side=112)
+        rows.append((f"ingest -> local, all resized+re-encoded ({w} procs)",
+                     timed_ingest(str(src), f"{tmp}/ds_small", small), w))
+        proc, _ = start_moto()
+        try:
+            rows.append((f"ingest -> S3 (moto, {w} procs)", timed_ingest(str(src), "s3://bench/ds", cfg), w))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    base = n / rows[0][1]
+    print(f"\n{n} images (224x224 RGB JPEG, Fashion-MNIST), {os.cpu_count()} cores\n")
+    print(f"| {'run':58s} | {'seconds':>7s} | {'img/s':>7s} | {'img/s/core':>10s} | {'vs baseline':>11s} |")
+    print(f"|{'-' * 60}|{'-' * 9}|{'-' * 9}|{'-' * 12}|{'-' * 13}|")
+    for name, secs, cores in rows:
+        rate = n / secs
+        print(f"| {name:58s} | {secs:7.2f} | {rate:7.0f} | {rate / cores:10.0f} | {rate / base:10.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
