@@ -249,7 +249,7 @@ def test_crashed_or_hung_worker_refuses_only_that_file(small_digits):
     uris = files[:4] + ["/x/crash.png"] + files[4:8] + ["/x/hang.png"] + files[8:]
     opts = EncodeOptions(10**7, 512, 90)
     started = time.monotonic()
-    results = dict(validate_files(uris, opts, 2, timeout_s=2.0, validate=crash_or_hang))
+    results = dict(validate_files(uris, opts, 2, timeout_s=5.0, validate=crash_or_hang))
     assert time.monotonic() - started < 60
     assert results[4]["reason"] == "decoder_crash" and results[9]["reason"] == "timeout"
     assert all("sha256" in results[i] for i in range(len(uris)) if i not in (4, 9))
@@ -393,6 +393,10 @@ def test_rerun_is_noop_overwrite_rewrites_incomplete_is_cleaned(small_digits, tm
     assert shard.read_bytes() == original + b"tampered"  # untouched: a no-op
     assert ingest(str(small_digits), str(dest), _cfg(overwrite=True), summary=False) == first
     assert shard.read_bytes() == original  # rewritten
+    # a shard deleted behind our back: the manifest no longer stands, the dataset is rewritten
+    (dest / "val" / "part-00000.parquet").unlink()
+    assert ingest(str(small_digits), str(dest), _cfg(), summary=False) == first
+    assert (dest / "val" / "part-00000.parquet").exists()
     # an interrupted earlier run: shards (one stale) but no manifest
     (dest / "manifest.json").unlink()
     shutil.copy(shard, dest / "train" / "part-00099.parquet")

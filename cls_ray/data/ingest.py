@@ -55,7 +55,8 @@ class _Spool:
         self._file.close()
 
 
-def _existing_dataset(dest: str, cfg: IngestConfig) -> dict[str, Any] | None:
+def _existing_dataset(src: str, dest: str, cfg: IngestConfig) -> dict[str, Any] | None:
+    """The manifest of a complete dataset at DEST (then ingest is a no-op), or None when it must be written."""
     try:
         complete = storage.exists(manifest_uri(dest))
     except storage.StorageError as exc:
@@ -66,9 +67,32 @@ def _existing_dataset(dest: str, cfg: IngestConfig) -> dict[str, Any] | None:
         manifest = read_manifest(dest)
     except ManifestError as exc:
         raise IngestError(f"{exc}; pass --overwrite (ingest.overwrite=true) to replace it") from None
+    missing = _missing_shards(dest, manifest)
+    if missing:
+        logger.warning("%s: manifest.json lists %d shard(s) that are gone (%s); rewriting the dataset", dest,
+                       len(missing), missing[0])
+        return None
+    wanted = {"source": src, "seed": cfg.seed, "max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality}
+    found = {"source": manifest.get("source"), "seed": manifest.get("split", {}).get("seed"),
+             "max_side": manifest.get("encoding", {}).get("max_side"),
+             "jpeg_quality": manifest.get("encoding", {}).get("jpeg_quality")}
+    differs = [f"{k}: {found[k]!r} there, {wanted[k]!r} asked" for k in wanted if found[k] != wanted[k]]
+    if differs:
+        logger.warning("%s was ingested with other settings (%s); keeping it (pass --overwrite to rewrite it)", dest,
+                       "; ".join(differs))
     logger.info("%s already holds a complete dataset (%d classes); nothing to do (pass --overwrite to rewrite it)",
                 dest, len(manifest["classes"]))
     return manifest
+
+
+def _missing_shards(dest: str, manifest: dict[str, Any]) -> list[str]:
+    _, root = storage.resolve(dest)
+    try:
+        present = {info.path[len(root):].lstrip("/").replace(os.sep, "/") for info in storage.list_files(dest)}
+    except storage.StorageError as exc:
+        raise IngestError(f"cannot list DEST: {exc}") from None
+    listed = [shard["path"] for split in manifest["splits"].values() for shard in split["shards"]]
+    return [p for p in listed if p not in present]
 
 
 def _check_dest(dest: str, src: str) -> None:
@@ -191,7 +215,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
     Raises:
         IngestError: bad SRC or DEST, fewer than two classes, or a class without enough valid images.
     """
-    existing = _existing_dataset(dest, cfg)
+    existing = _existing_dataset(src, dest, cfg)
     if existing is not None:
         if summary:
             print_ingest_summary(existing)
