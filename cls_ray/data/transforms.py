@@ -6,7 +6,8 @@ normalisation (mean/std) happens on the worker's device with :func:`normalize`, 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,23 @@ def create_eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image]
     )
 
 
+def pillow_safe_auto_augment(policy: str | None) -> str | None:
+    """timm's RandAugment policy string, capped so that it never asks Pillow to posterize to 0 bits.
+
+    With ``inc1`` (timm's default ``rand-m9-mstd0.5-inc1``) a sampled magnitude of 10 maps PosterizeIncreasing to
+    0 bits; Pillow >= 11 refuses that with ``ValueError`` (older Pillow returned a black image), which would kill
+    a decode task at random (~0.2% of images). Capping the magnitude at 9 (``mmax9``) keeps at least 1 bit and
+    changes every other op by at most one magnitude step at the tail of the distribution. An explicit ``mmax``
+    is left alone.
+    """
+    if not policy or not policy.startswith("rand"):
+        return policy
+    parts = policy.split("-")
+    if "inc1" in parts and not any(p.startswith("mmax") for p in parts):
+        return policy + "-mmax9"
+    return policy
+
+
 def create_train_transform(data_config: dict[str, Any], cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
     """RandomResizedCrop, flip, colour jitter / RandAugment; PIL RGB in, uint8 CHW tensor out.
 
@@ -45,7 +63,7 @@ def create_train_transform(data_config: dict[str, Any], cfg: DataConfig) -> Call
         scale=tuple(cfg.scale),
         hflip=cfg.hflip,
         color_jitter=cfg.color_jitter,
-        auto_augment=cfg.auto_augment,
+        auto_augment=pillow_safe_auto_augment(cfg.auto_augment),
         interpolation="random" if cfg.auto_augment else data_config.get("interpolation", "bilinear"),
         mean=tuple(data_config["mean"]),
     )
