@@ -150,7 +150,7 @@ def main_url(serve_port, packages):
 
     cfg = ServeConfig(port=serve_port, app_name="main", route_prefix="/", api_key_env=API_KEY_ENV,
                       min_replicas=1, max_replicas=1, ingress_max_replicas=1, num_cpus=0.5, ingress_num_cpus=0.5,
-                      max_batch_size=16, batch_wait_timeout_s=0.05, max_images=8, max_request_bytes=300_000,
+                      max_batch_size=16, batch_wait_timeout_s=0.02, max_images=8, max_request_bytes=300_000,
                       max_pixels=4_000_000)
     return start_serving(packages["s3"], cfg)
 

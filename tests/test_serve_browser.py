@@ -140,18 +140,19 @@ def test_upload_page_classifies_chosen_and_dropped_images(served, package, brows
     page.close()
 
 
-def test_cli_write_config_and_clean_stop(served, package, tmp_path):
+def test_cli_write_config_and_clean_stop(served, package, tmp_path, capsys):
+    from cls_ray.cli import main
+
     out = tmp_path / "serve.yaml"
-    done = subprocess.run(CLI + ["serve", package["uri"], "--write-config", str(out), "--set", "serve.port=9100"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert main(["serve", package["uri"], "--write-config", str(out), "--set", "serve.port=9100"]) == 0
     doc = yaml.safe_load(out.read_text())
     assert doc["http_options"]["port"] == 9100
     assert doc["applications"][0]["args"]["model_uri"] == package["uri"]
-    missing = subprocess.run(CLI + ["serve", str(tmp_path / "nope"), "--write-config", str(out)],
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and "not a model package" in missing.stderr
+    assert main(["serve", str(tmp_path / "nope"), "--write-config", str(out)]) == 1
+    assert "not a model package" in capsys.readouterr().err
+    assert main(["serve", package["uri"], "--write-config", str(out), "--set", "serve.max_batch_size=0"]) == 2
+    assert "serve.max_batch_size" in capsys.readouterr().err
 
-    proc = served["proc"]
+    proc = served["proc"]  # the served command stops cleanly on Ctrl+C
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=90) == 0

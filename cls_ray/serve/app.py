@@ -143,9 +143,26 @@ def write_serve_config(model_uri: str, cfg: ServeConfig, path: str) -> str:
     return path
 
 
-def base_url(cfg: ServeConfig) -> str:
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+def base_url(cfg: ServeConfig, host: str | None = None, port: int | None = None) -> str:
+    """``http://HOST:PORT/PREFIX`` (no trailing slash); a wildcard bind address is shown as 127.0.0.1."""
+    host = cfg.host if host is None else host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{host}:{cfg.port if port is None else port}{cfg.route_prefix.rstrip('/')}"
+
+
+def _running_http_address(cfg: ServeConfig) -> tuple[str, int]:
+    """Where Serve's proxies really listen: HTTP options apply only when Serve starts, not to a running one."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        host, port = str(http.host), int(http.port)
+    except Exception:  # noqa: BLE001 - an internal API; fall back to what was asked for
+        return cfg.host, cfg.port
+    if port != cfg.port:
+        logger.warning("Serve was already running on port %d in this cluster; serve.port=%d is not applied",
+                       port, cfg.port)
+    return host, port
 
 
 def _ensure_ray(detach: bool) -> None:
@@ -174,7 +191,7 @@ def start_serving(model_uri: str, cfg: ServeConfig, *, detach: bool = False) -> 
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
     serve.run(build_application(model_uri, cfg), name=cfg.app_name, route_prefix=cfg.route_prefix,
               blocking=False)
-    url = base_url(cfg)
+    url = base_url(cfg, *_running_http_address(cfg))
     logger.info("serving %s at %s", model_uri, url)
     return url
 
@@ -213,5 +230,5 @@ def serve_model(model_uri: str, cfg: ServeConfig, blocking: bool = True) -> str:
     except KeyboardInterrupt:
         logger.info("stopping")
     finally:
-        stop_serving()
+        stop_serving(cfg.app_name)  # only this application: the cluster may serve others
     return url

@@ -1,0 +1,218 @@
+"""Serving benchmark: throughput and latency of the Ray Serve endpoint under concurrent load on loopback.
+
+Three runs against the same model package, the same replicas and the same cores:
+
+1. dynamic batching (``@serve.batch``, ``--max-batch-size``) under ``--concurrency`` concurrent clients;
+2. the same replica switched in place (its ``reconfigure`` method) to ``max_batch_size=1``, same load;
+3. one client at a time on (2), against calling the model directly in this process with the same images, the same
+   preprocessing and a batch of one: the difference is what the HTTP path adds per request.
+
+The load comes from a separate process (aiohttp, keep-alive connections). Images are real Fashion-MNIST pictures
+(Debian package ``dataset-fashion-mnist``) encoded as PNG. Run: ``.venv/bin/python benchmarks/serve.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import io
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import timm
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import read_fashion_mnist  # noqa: E402
+
+from cls_ray.config import ServeConfig  # noqa: E402
+from cls_ray.export import save_model_package  # noqa: E402
+from cls_ray.models import model_data_config  # noqa: E402
+from cls_ray.predict import Predictor  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mobilenetv3_small_050", help="timm architecture (random weights)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent clients in runs 1 and 2")
+    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    p.add_argument("--model-cpus", type=int, default=1, help="CPUs (torch threads) of the model replica")
+    p.add_argument("--num-images", type=int, default=64, help="distinct images cycled through")
+    p.add_argument("--output", help="also write the results as JSON here")
+    return p.parse_args()
+
+
+def make_package(root: Path, model_name: str, image_size: int) -> str:
+    model = timm.create_model(model_name, num_classes=10).eval()
+    meta = {"architecture": model_name, "classes": [f"class_{i}" for i in range(10)], "name": "bench",
+            "version": "1", "data_config": model_data_config(model, image_size)}
+    return save_model_package(str(root / "package"), model, meta)
+
+
+def make_payloads(num_images: int, side: int) -> list[bytes]:
+    images, _ = read_fashion_mnist(num_images)
+    payloads = []
+    for gray in images:
+        buf = io.BytesIO()
+        Image.fromarray(gray).resize((side, side), Image.Resampling.BICUBIC).convert("RGB").save(buf, "PNG")
+        payloads.append(buf.getvalue())
+    return payloads
+
+
+async def _load(url: str, payloads: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from, end = start + warmup, start + warmup + duration
+    headers = {"Content-Type": "image/png"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def client(i: int) -> None:
+            nonlocal errors
+            while (t0 := time.perf_counter()) < end:
+                async with session.post(url, data=payloads[i % len(payloads)], headers=headers) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+                if t0 >= measure_from:
+                    if ok:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+                i += concurrency
+
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return summarize(latencies, duration, errors)
+
+
+def summarize(latencies: list[float], duration: float, errors: int = 0) -> dict:
+    ms = sorted(x * 1000 for x in latencies)
+    return {"requests": len(ms), "errors": errors, "throughput_rps": len(ms) / duration,
+            "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+            "mean_ms": statistics.fmean(ms)}
+
+
+def run_load(url: str, payloads: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
+    """The load generator, in its own (spawned) process so it does not share this one's interpreter."""
+    return asyncio.run(_load(url, payloads, concurrency, duration, warmup))
+
+
+def load_from_process(pool: cf.ProcessPoolExecutor, url: str, payloads: list[bytes], concurrency: int,
+                      args: argparse.Namespace) -> dict:
+    return pool.submit(run_load, url, payloads, concurrency, args.duration, args.warmup).result()
+
+
+def measure_direct(model_uri: str, payloads: list[bytes], duration: float, threads: int) -> dict:
+    """The same preprocessing and forward pass, batch of one, called in-process: the no-HTTP baseline."""
+    torch.set_num_threads(threads)
+    predictor = Predictor.from_uri(model_uri)
+    for data in payloads[:8]:
+        predictor.predict_batch([predictor.preprocess(data)])
+    latencies = []
+    end = time.perf_counter() + duration
+    i = 0
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        predictor.predict_batch([predictor.preprocess(payloads[i % len(payloads)])])
+        latencies.append(time.perf_counter() - t0)
+        i += 1
+    return summarize(latencies, duration)
+
+
+def serve_config(args: argparse.Namespace, port: int, max_batch_size: int) -> ServeConfig:
+    return ServeConfig(port=port, app_name="bench", min_replicas=1, max_replicas=1, ingress_max_replicas=1,
+                       num_cpus=args.model_cpus, ingress_num_cpus=1, max_batch_size=max_batch_size,
+                       batch_wait_timeout_s=args.batch_wait_timeout_s,
+                       max_ongoing_requests=max(64, 2 * args.max_batch_size))
+
+
+def replica_stats(url: str) -> dict:
+    return requests.get(f"{url}/v1/stats", timeout=30).json()
+
+
+def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes]) -> dict:
+    import ray
+    from ray import serve
+
+    from cls_ray.serve.app import start_serving, stop_serving
+    from cls_ray.serve.deployment import MODEL_DEPLOYMENT
+
+    ray.init(address="local", include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    port = _free_port()
+    results: dict = {}
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            url = start_serving(model_uri, serve_config(args, port, args.max_batch_size))
+            predict = f"{url}/v1/predict"
+            results["batched"] = load_from_process(pool, predict, payloads, args.concurrency, args)
+            batched_stats = replica_stats(url)
+            results["batched"]["mean_batch_size"] = batched_stats["mean_batch_size"]
+            # Same replica, same process: its batching is switched off in place through its reconfigure method.
+            model = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name="bench")
+            model.reconfigure.remote({"max_batch_size": 1, "batch_wait_timeout_s": 0.0}).result()
+            assert replica_stats(url)["replica"] == batched_stats["replica"], "the model replica was replaced"
+            results["unbatched"] = load_from_process(pool, predict, payloads, args.concurrency, args)
+            results["unbatched"]["mean_batch_size"] = replica_stats(url)["mean_batch_size"]
+            results["sequential_http"] = load_from_process(pool, predict, payloads, 1, args)
+    finally:
+        stop_serving()
+        ray.shutdown()
+    return results
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
+    """Print the side-by-side table and the two ratios."""
+    print(f"\nmodel {args.model} @ {args.image_size}px, 1 model replica ({args.model_cpus} CPU), 1 ingress replica, "
+          f"{torch.get_num_threads()} torch threads here, {multiprocessing.cpu_count()} cores")
+    print(f"{'run':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}")
+    rows = [(f"batching, {args.concurrency} clients", "batched"),
+            (f"max_batch_size=1, {args.concurrency} clients", "unbatched"),
+            ("max_batch_size=1, 1 client (HTTP)", "sequential_http"), ("direct call, batch 1", "direct")]
+    for label, key in rows:
+        r = results[key]
+        batch = f"{r['mean_batch_size']:.1f}" if "mean_batch_size" in r else "-"
+        print(f"{label:<34}{r['throughput_rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{batch:>7}"
+              f"{r['errors']:>8}")
+    speedup = results["batched"]["throughput_rps"] / results["unbatched"]["throughput_rps"]
+    added = results["sequential_http"]["p50_ms"] - results["direct"]["p50_ms"]
+    print(f"\nthroughput with dynamic batching: {speedup:.2f}x of max_batch_size=1 (target >= 4x)")
+    print(f"added per request by the HTTP path (p50, 1 client): {added:.2f} ms (target <= 2 ms)")
+    results["speedup"], results["added_ms_p50"] = speedup, added
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="cls-ray-serve-bench-") as tmp:
+        model_uri = make_package(Path(tmp), args.model, args.image_size)
+        payloads = make_payloads(args.num_images, args.image_size)
+        results = run_serving(args, model_uri, payloads)
+        results["direct"] = measure_direct(model_uri, payloads, args.duration, args.model_cpus)
+    report(args, results)
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
