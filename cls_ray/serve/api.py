@@ -8,6 +8,7 @@ unexpected failure is logged here and answered with a generic 500, never a stack
 from __future__ import annotations
 
 import logging
+import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cls_ray.predict import top_k as top_k_classes
 from cls_ray.serve import kserve, schemas
 from cls_ray.serve.inputs import RequestError, parse_predict_request, read_body, resolve_top_k
 
@@ -132,18 +134,18 @@ def create_api(ingress: ClassifierIngress) -> FastAPI:
               responses=schemas.ERROR_RESPONSES, openapi_extra={"requestBody": schemas.PREDICT_REQUEST_BODY})
     async def predict(request: Request, top_k: str | None = None) -> dict[str, Any]:
         """Top-k classes of one or more images: raw bytes, multipart files, or JSON with base64 images."""
-        start = ingress.now()
+        start = time.perf_counter()
         authorize(request)
         body = await read_body(request, ingress.cfg.max_request_bytes)
         inputs = await parse_predict_request(request, body, ingress.cfg.max_images)
         k = resolve_top_k(top_k, inputs.top_k, ingress.cfg.default_top_k, len(ingress.classes))
         probs = await ingress.probabilities(inputs.images)
-        best = ingress.predictions(probs, k)
+        best = top_k_classes(probs, ingress.classes, k)
         return {
             "model": {"name": ingress.name, "version": ingress.version},
             "predictions": [{"index": i, "filename": name, "top_k": scores}
                             for i, (name, scores) in enumerate(zip(inputs.filenames, best, strict=True))],
-            "latency_ms": (ingress.now() - start) * 1000.0,
+            "latency_ms": (time.perf_counter() - start) * 1000.0,
         }
 
     _add_v2_routes(api, ingress, authorize)

@@ -12,7 +12,6 @@ import collections
 import hmac
 import logging
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -21,11 +20,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
-from cls_ray.config import ServeConfig
+from cls_ray.config import ConfigError, ServeConfig
 from cls_ray.data.images import ImageDecodeError
 from cls_ray.data.transforms import create_eval_transform
-from cls_ray.export import PackageError, load_model_package, read_package_meta
-from cls_ray.predict import Predictor, preprocess_image, top_k
+from cls_ray.export import load_model_package, read_package_meta
+from cls_ray.predict import Predictor, preprocess_image
 from cls_ray.serve.inputs import RequestError
 
 logger = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ class ClassifierIngress:
         key = os.environ.get(env, "")
         if not key:
             # Fail closed: an API key was asked for, so never serve without one.
-            raise PackageError(f"serve.api_key_env names {env!r}, but that environment variable is empty on "
+            raise ConfigError(f"serve.api_key_env names {env!r}, but that environment variable is empty on "
                                "this replica; set it in the cluster's environment")
         return key
 
@@ -159,9 +158,6 @@ class ClassifierIngress:
             raise RequestError(503, "model_timeout", "the model did not answer in time; retry") from None
         return np.stack(rows)
 
-    def predictions(self, probs: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
-        return top_k(probs, self.classes, k)
-
     async def model_stats(self) -> dict[str, Any]:
         return await self.model.stats.remote()
 
@@ -180,7 +176,3 @@ class ClassifierIngress:
             "default_top_k": min(self.cfg.default_top_k, len(self.classes)), "max_images": self.cfg.max_images,
             "max_request_bytes": self.cfg.max_request_bytes,
         }
-
-    @staticmethod
-    def now() -> float:
-        return time.perf_counter()
