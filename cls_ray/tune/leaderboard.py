@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,16 +78,26 @@ class Leaderboard:
         return records
 
 
-def _first_line(error: BaseException | None) -> str | None:
+def _error_summary(error: BaseException | None) -> str | None:
+    """The line of a trial's error that says what went wrong (Tune and Train wrap the worker's traceback)."""
     if error is None:
         return None
-    # Tune wraps the trial's exception; the root cause's message is what the user needs.
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = f"{type(cause).__name__}: {cause}".strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return " | ".join(lines[-3:])[:500] if lines else type(cause).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    text = raised[-1] if raised else (lines[-1] if lines else type(error).__name__)
+    return text[:500]
+
+
+def _trial_config(result: Any) -> dict[str, Any]:
+    """The trial's sampled values: from its results, or from ``params.json`` when it errored before reporting."""
+    if result.config:
+        return dict(result.config)
+    path = f"{str(result.path).rstrip('/')}/params.json"
+    try:
+        with result.filesystem.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
 
 
 def _status(error: Any, epochs: int, last_done: bool, max_epochs: int) -> str:
@@ -121,8 +132,8 @@ def trial_row(result: Any, metric: str, mode: str, max_epochs: int) -> TrialRow:
         best_epoch=best_epoch,
         epochs=epochs,
         wall_time_s=wall,
-        config=config_values(dict(result.config or {})),
-        error=_first_line(result.error),
+        config=config_values(_trial_config(result)),
+        error=_error_summary(result.error),
     )
 
 
@@ -169,17 +180,27 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _headers(keys: list[str]) -> list[str]:
+    """Short column names (``optim.lr`` -> ``lr``) unless two keys would share one."""
+    short = [k.split(".", 1)[-1] for k in keys]
+    return [s if short.count(s) == 1 else k for s, k in zip(short, keys, strict=True)]
+
+
 def print_leaderboard(board: Leaderboard, console: Any = None) -> None:
     """Print the leaderboard as a rich table on the terminal (the config columns that vary across trials)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file or CI: no need to squeeze rows into 80 columns
+            console = Console(width=220)
     keys = sorted({k for row in board.rows for k in row.config})
     varying = [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in board.rows}) > 1]
     table = Table(title=f"cls-ray tune: {len(board.rows)} trials, best {board.metric} ({board.mode}) first")
-    for name in ["#", "trial", "status", board.metric, "epochs", "time (s)", *varying, "error"]:
-        table.add_column(name, overflow="fold")
+    for name in ["#", "trial", "status", board.metric, "epochs", "time (s)", *_headers(varying)]:
+        table.add_column(name, no_wrap=name == "trial")
+    table.add_column("error", overflow="ellipsis", max_width=60)
     for rank, row in enumerate(board.rows, start=1):
         table.add_row(
             str(rank),
@@ -189,6 +210,6 @@ def print_leaderboard(board: Leaderboard, console: Any = None) -> None:
             str(row.epochs),
             f"{row.wall_time_s:.1f}",
             *[_fmt(row.config.get(k)) for k in varying],
-            (row.error or "")[:120],
+            row.error or "",
         )
     console.print(table)

@@ -345,6 +345,8 @@ def _parse_param(key: str, spec: Any, source: str, where: str) -> Param:
         if not all(float(v).is_integer() for v in (low, high, step or 1)):
             raise _fail(source, where, f"{kind} bounds and step must be integers, got {bounds!r}")
         low, high, step = int(low), int(high), int(step) if step is not None else None
+    else:  # Optuna samples floats here; checking float bounds refuses a float range over an integer key
+        low, high, step = float(low), float(high), float(step) if step is not None else None
     if low >= high:
         raise _fail(source, where, f"empty range: low ({low}) must be below high ({high})")
     if kind.startswith("log") and low <= 0:

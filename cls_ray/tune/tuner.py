@@ -145,7 +145,13 @@ def build_searcher(space: SearchSpace, cfg: Config) -> Any:
 
 
 def build_scheduler(cfg: Config) -> Any:
-    """ASHA on the validation metric, in epochs."""
+    """ASHA on the validation metric, in epochs.
+
+    ``stop_last_trials=False``: a trial that reaches ``tune.max_epochs`` ends its Train run itself (clean shutdown,
+    final history written) instead of being killed by the scheduler at its last report. Trials ASHA stops earlier
+    are killed; Ray Train's PlacementGroupCleaner then returns their workers' resources (it needs the dashboard's
+    state API, which every ``ray start`` / ``ray.init()`` cluster has unless started with ``include_dashboard=False``).
+    """
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -155,11 +161,15 @@ def build_scheduler(cfg: Config) -> Any:
         max_t=cfg.tune.max_epochs,
         grace_period=cfg.tune.grace_period,
         reduction_factor=cfg.tune.reduction_factor,
+        stop_last_trials=False,
     )
 
 
-def _trainable(data_uri: str, base: Config) -> Any:
-    return ray_tune.with_resources(ray_tune.with_parameters(run_trial, data_uri=data_uri, base=base), DRIVER_RESOURCES)
+def make_trainable(data_uri: str, base: Config, fn: Any = None) -> Any:
+    """The Tune trainable: ``fn`` (default :func:`run_trial`) bound to the dataset and base config, with the trial
+    driver's near-zero resource request (:data:`DRIVER_RESOURCES`)."""
+    bound = ray_tune.with_parameters(fn or run_trial, data_uri=data_uri, base=base)
+    return ray_tune.with_resources(bound, DRIVER_RESOURCES)
 
 
 def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) -> ray_tune.Tuner:
@@ -169,7 +179,7 @@ def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) ->
     exp = experiment_uri(cfg)
     fs, exp_path = storage.resolve(exp)
     _, root_path = storage.resolve(cfg.tune.storage_path)
-    trainable = _trainable(data_uri, base)
+    trainable = make_trainable(data_uri, base)
     if ray_tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         if not cfg.tune.resume:
             raise TuneError(
@@ -290,5 +300,6 @@ def _summary(result: TuneResult) -> dict[str, Any]:
         "best_config": result.best_config,
         "best_package": result.best_package_uri,
         "leaderboard": result.leaderboard_uri,
-        "test_metrics": result.test_metrics,
+        "test_metrics": {k: v for k, v in (result.test_metrics or {}).items() if isinstance(v, (int, float, str))}
+        or None,
     }
