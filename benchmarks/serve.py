@@ -7,7 +7,8 @@ Three runs against the same model package, the same replicas and the same cores:
 3. one client at a time on (2), against calling the model directly in this process with the same images, the same
    preprocessing and a batch of one: the difference is what the HTTP path adds per request.
 
-The load comes from a separate process (aiohttp, keep-alive connections). Images are real Fashion-MNIST pictures
+The runs alternate over ``--rounds`` rounds and the medians are reported, so a change in the machine's load hits
+every variant alike. The load comes from a separate process (aiohttp, keep-alive connections). Images are real Fashion-MNIST pictures
 (Debian package ``dataset-fashion-mnist``) encoded as PNG. Run: ``.venv/bin/python benchmarks/serve.py``.
 """
 
@@ -19,6 +20,7 @@ import concurrent.futures as cf
 import io
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -44,12 +46,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="mobilenetv3_small_050", help="timm architecture (random weights)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32, help="concurrent clients in runs 1 and 2")
-    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per run")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    p.add_argument("--rounds", type=int, default=2, help="alternated rounds of all runs; medians are reported")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     p.add_argument("--model-cpus", type=int, default=1, help="CPUs (torch threads) of the model replica")
     p.add_argument("--num-images", type=int, default=64, help="distinct images cycled through")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="Ray Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the ingress "
+                        "replica listens on port 8000 itself, no proxy hop")
     p.add_argument("--output", help="also write the results as JSON here")
     return p.parse_args()
 
@@ -143,31 +149,42 @@ def replica_stats(url: str) -> dict:
     return requests.get(f"{url}/v1/stats", timeout=30).json()
 
 
-def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes]) -> dict:
+def _set_batching(model, url: str, max_batch_size: int, wait_s: float, replica: str) -> None:
+    """Switch the one model replica's batching in place (its reconfigure method) and check it is the same one."""
+    model.reconfigure.remote({"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}).result()
+    assert replica_stats(url)["replica"] == replica, "the model replica was replaced"
+
+
+def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes]) -> dict[str, list[dict]]:
+    """``args.rounds`` rounds of (batching, max_batch_size=1, one client, direct call), alternated so that a
+    change in the machine's load hits every variant alike."""
     import ray
     from ray import serve
 
     from cls_ray.serve.app import start_serving, stop_serving
     from cls_ray.serve.deployment import MODEL_DEPLOYMENT
 
+    if args.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's processes, so set before ray.init
     ray.init(address="local", include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    port = _free_port()
-    results: dict = {}
+    port = 8000 if args.direct_ingress else _free_port()
+    results: dict[str, list[dict]] = {"batched": [], "unbatched": [], "sequential_http": [], "direct": []}
     ctx = multiprocessing.get_context("spawn")
     try:
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
             url = start_serving(model_uri, serve_config(args, port, args.max_batch_size))
             predict = f"{url}/v1/predict"
-            results["batched"] = load_from_process(pool, predict, payloads, args.concurrency, args)
-            batched_stats = replica_stats(url)
-            results["batched"]["mean_batch_size"] = batched_stats["mean_batch_size"]
-            # Same replica, same process: its batching is switched off in place through its reconfigure method.
             model = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name="bench")
-            model.reconfigure.remote({"max_batch_size": 1, "batch_wait_timeout_s": 0.0}).result()
-            assert replica_stats(url)["replica"] == batched_stats["replica"], "the model replica was replaced"
-            results["unbatched"] = load_from_process(pool, predict, payloads, args.concurrency, args)
-            results["unbatched"]["mean_batch_size"] = replica_stats(url)["mean_batch_size"]
-            results["sequential_http"] = load_from_process(pool, predict, payloads, 1, args)
+            replica = replica_stats(url)["replica"]
+            for _ in range(args.rounds):
+                for key, size, wait, clients in (("batched", args.max_batch_size, args.batch_wait_timeout_s,
+                                                  args.concurrency), ("unbatched", 1, 0.0, args.concurrency),
+                                                 ("sequential_http", 1, 0.0, 1)):
+                    _set_batching(model, url, size, wait, replica)
+                    result = load_from_process(pool, predict, payloads, clients, args)
+                    result["mean_batch_size"] = replica_stats(url)["mean_batch_size"]
+                    results[key].append(result)
+                results["direct"].append(measure_direct(model_uri, payloads, args.duration, args.model_cpus))
     finally:
         stop_serving()
         ray.shutdown()
@@ -182,36 +199,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def report(args: argparse.Namespace, results: dict) -> None:
-    """Print the side-by-side table and the two ratios."""
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> dict:
+    """Print the side-by-side table (medians over the rounds) and the two ratios; returns the summary."""
     print(f"\nmodel {args.model} @ {args.image_size}px, 1 model replica ({args.model_cpus} CPU), 1 ingress replica, "
-          f"{torch.get_num_threads()} torch threads here, {multiprocessing.cpu_count()} cores")
+          f"{multiprocessing.cpu_count()} cores, {args.rounds} rounds of {args.duration:.0f} s (medians), "
+          f"load average before/after: {results['load']}")
     print(f"{'run':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}")
     rows = [(f"batching, {args.concurrency} clients", "batched"),
             (f"max_batch_size=1, {args.concurrency} clients", "unbatched"),
             ("max_batch_size=1, 1 client (HTTP)", "sequential_http"), ("direct call, batch 1", "direct")]
+    summary: dict = {}
     for label, key in rows:
-        r = results[key]
-        batch = f"{r['mean_batch_size']:.1f}" if "mean_batch_size" in r else "-"
-        print(f"{label:<34}{r['throughput_rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{batch:>7}"
-              f"{r['errors']:>8}")
-    speedup = results["batched"]["throughput_rps"] / results["unbatched"]["throughput_rps"]
-    added = results["sequential_http"]["p50_ms"] - results["direct"]["p50_ms"]
-    print(f"\nthroughput with dynamic batching: {speedup:.2f}x of max_batch_size=1 (target >= 4x)")
-    print(f"added per request by the HTTP path (p50, 1 client): {added:.2f} ms (target <= 2 ms)")
-    results["speedup"], results["added_ms_p50"] = speedup, added
+        runs = results[key]
+        row = {m: _median(runs, m) for m in ("throughput_rps", "p50_ms", "p99_ms")}
+        row["errors"] = sum(r["errors"] for r in runs)
+        row["mean_batch_size"] = _median(runs, "mean_batch_size") if "mean_batch_size" in runs[0] else None
+        batch = f"{row['mean_batch_size']:.1f}" if row["mean_batch_size"] is not None else "-"
+        print(f"{label:<34}{row['throughput_rps']:>9.1f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{batch:>7}"
+              f"{row['errors']:>8}")
+        summary[key] = row
+    summary["speedup"] = summary["batched"]["throughput_rps"] / summary["unbatched"]["throughput_rps"]
+    summary["added_ms_p50"] = summary["sequential_http"]["p50_ms"] - summary["direct"]["p50_ms"]
+    print(f"\nthroughput with dynamic batching: {summary['speedup']:.2f}x of max_batch_size=1 (target >= 4x)")
+    print(f"added per request by the HTTP path (p50, 1 client): {summary['added_ms_p50']:.2f} ms (target <= 2 ms)")
+    return summary
 
 
 def main() -> None:
     args = parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="cls-ray-serve-bench-") as tmp:
         model_uri = make_package(Path(tmp), args.model, args.image_size)
         payloads = make_payloads(args.num_images, args.image_size)
-        results = run_serving(args, model_uri, payloads)
-        results["direct"] = measure_direct(model_uri, payloads, args.duration, args.model_cpus)
-    report(args, results)
+        results: dict = run_serving(args, model_uri, payloads)
+    results["load"] = f"{load_before:.1f}/{os.getloadavg()[0]:.1f}"
+    summary = report(args, results)
     if args.output:
-        Path(args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.output).write_text(json.dumps({"args": vars(args), "runs": results, "summary": summary},
+                                                indent=2))
 
 
 if __name__ == "__main__":
