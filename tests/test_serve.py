@@ -104,7 +104,10 @@ def env_for_cluster(s3_server):
     os.environ.update(extra)
     yield s3_server
     for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +427,17 @@ def _running_replicas(app: str, deployment: str = "ClassifierModel") -> int:
     return int(states.get("RUNNING", 0))
 
 
-def test_autoscaling_scales_up_under_load_within_bounds(scale_url, packages):
+def test_autoscaling_scales_up_under_load_within_bounds(scale_url, packages, dashboard):
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    # What Serve's controller applied (the same details `serve status` shows).
+    details = ServeSubmissionClient(dashboard).get_serve_details()["applications"]["scale"]["deployments"]
+    model = details["ClassifierModel"]["deployment_config"]
+    auto = model["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (1, 2, 1)
+    assert auto["upscale_delay_s"] == 0.5 and model["max_ongoing_requests"] == 4
+    assert model["ray_actor_options"]["num_cpus"] == 0.5 and model["user_config"]["max_batch_size"] == 2
+    assert details["ClassifierIngress"]["deployment_config"]["autoscaling_config"]["max_replicas"] == 1
     assert _running_replicas("scale") == 1
     data = packages["images"][0].read_bytes()
     stop = time.monotonic() + 90
