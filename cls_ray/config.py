@@ -134,6 +134,9 @@ class DataConfig:
     """CPUs one decode task reserves."""
     prefetch_batches: int = 2
     """Batches each training worker keeps ready ahead of the one it trains on."""
+    progress_bars: bool = False
+    """Ray Data's per-operator progress bars for the train/val pipelines (one set per epoch; the per-epoch training
+    line reports throughput and data wait either way)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
@@ -228,7 +231,8 @@ class TrainConfig:
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)")
         _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                "train.early_stopping_patience", "must be at least 1 or null")
-        _check(self.run_name != "" and "/" not in self.run_name, "train.run_name", "must be a non-empty name without '/'")
+        _check(self.run_name != "" and "/" not in self.run_name, "train.run_name",
+               "must be a non-empty name without '/'")
 
 
 @dataclass

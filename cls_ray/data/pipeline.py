@@ -127,7 +127,8 @@ def read_split(data_uri: str, manifest: dict[str, Any], split: str) -> ray.data.
         raise manifest_lib.ManifestError(f"{data_uri}: split {split!r} has no shards")
     filesystem, _ = storage.resolve(uris[0])
     paths = [storage.resolve(uri)[1] for uri in uris]
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=READ_COLUMNS)
+    # Ray Data pushes the projection into the Parquet read: the other columns are never fetched.
+    return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(READ_COLUMNS)
 
 
 def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: dict[str, Any], cfg: DataConfig,
@@ -161,6 +162,7 @@ def build_eval_dataset(data_uri: str, manifest: dict[str, Any], split: str, data
 
 
 def _decode(ds: ray.data.Dataset, fn: DecodeBatch, cfg: DataConfig) -> ray.data.Dataset:
+    ds.context.enable_progress_bars = cfg.progress_bars  # this dataset's own context copy
     return ds.map_batches(fn, batch_format="numpy", batch_size=DECODE_BATCH_ROWS, num_cpus=cfg.decode_cpus,
                           concurrency=cfg.decode_concurrency, udf_modifying_row_count=False)
 

@@ -47,6 +47,8 @@ class Progress:
     """Flat metrics of the latest evaluation (carried by every report)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One record per epoch: the report's flat metrics plus per-class metrics and the confusion matrix."""
+    resumed_from: int | None = None
+    """The checkpoint epoch this process resumed from (None for a fresh start); recorded in the history."""
 
 
 @dataclass

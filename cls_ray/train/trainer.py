@@ -24,8 +24,9 @@ from cls_ray.data.pipeline import build_eval_dataset, build_train_dataset
 from cls_ray.export import save_model_package
 from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
-from cls_ray.train.loop import HISTORY_FILE, RunSpec, train_loop_per_worker
+from cls_ray.train.loop import HISTORY_FILE, train_loop_per_worker
 from cls_ray.train.state import read_package_weights, read_progress
+from cls_ray.train.step import RunSpec
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,190 @@
+"""Training on a real Ray cluster (CPU): DDP on digits, packaging and evaluation, resume after the driver is killed
+(run stored on the local S3 server), pretrained + frozen runs, and configurations refused before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import timm
+import torch
+from conftest import write_digits_folders
+from safetensors.torch import load_file
+
+from cls_ray import storage
+from cls_ray.cli import main as cli_main
+from cls_ray.config import ConfigError, IngestConfig, load_config
+from cls_ray.data.ingest import ingest
+from cls_ray.data.manifest import ManifestError, read_manifest
+from cls_ray.evaluate import evaluate
+from cls_ray.models import save_weights_file
+from cls_ray.train.trainer import train
+
+pytestmark = pytest.mark.ray
+
+FAST = ["model.name=resnet10t", "model.image_size=32", "model.crop_pct=1.0", "data.batch_size=32",
+        "data.auto_augment=null", "data.color_jitter=0", "data.hflip=0", "data.re_prob=0", "data.scale=[0.6,1.0]",
+        "data.eval_batch_size=128", "data.decode_cpus=0.5", "data.decode_concurrency=1", "optim.lr=0.003",
+        "optim.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    # The S3 variables are set first (s3_server) so Ray's workers inherit them.
+    ray.init(num_cpus=4, object_store_memory=400 * 1024**2, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits_dataset(tmp_path_factory) -> str:
+    """1000 real digits (100 per class), ingested: 700 train / 150 val / 150 test rows."""
+    folders = write_digits_folders(tmp_path_factory.mktemp("train-folders"), per_class=100)
+    dest = str(tmp_path_factory.mktemp("train-data") / "digits")
+    ingest(str(folders), dest, IngestConfig(), summary=False)
+    return dest
+
+
+def _config(tmp_path: Path, *overrides: str):
+    return load_config(None, [*FAST, f"train.storage_path={tmp_path / 'runs'}", *overrides])
+
+
+def _history(run_uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(storage.join(run_uri, "metrics.jsonl")).splitlines()]
+
+
+@pytest.mark.slow
+def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster, digits_dataset, tmp_path):
+    cfg = _config(tmp_path, "train.run_name=ddp", "train.epochs=4", "train.num_workers=2", "train.eval_every=2",
+                  "train.keep_checkpoints=1")
+    result = train(digits_dataset, cfg)
+
+    assert result.metrics["val_top1"] > 0.6  # 10 classes: chance is 0.1
+    history = _history(result.run_uri)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert [r["evaluated"] for r in history] == [False, True, False, True]
+    assert "val_top1" not in history[0] and history[2]["val_top1"] == history[1]["val_top1"]  # carried forward
+    val_rows = read_manifest(digits_dataset)["splits"]["val"]["num_rows"]
+    for record in history:
+        assert record["img_per_s"] > 0 and 0 <= record["data_wait_frac"] <= 1 and record["train_loss"] > 0
+    for record in (history[1], history[3]):
+        assert len(record["per_class"]) == 10
+        assert sum(map(sum, record["confusion_matrix"])) == val_rows == record["val_num_samples"]
+
+    run = Path(result.run_uri)
+    checkpoints = sorted(p.name for p in run.glob("epoch-*"))
+    assert 1 <= len(checkpoints) <= 2 and "epoch-0004" in checkpoints  # best kept (plus the latest)
+    files = {p.name for p in (run / "epoch-0004").iterdir()}
+    assert {"model.safetensors", "train_state.pt", "checkpoint.json"} <= files
+    meta = json.loads((Path(result.package_uri) / "model.json").read_text())
+    assert meta["architecture"] == "resnet10t" and meta["metrics"]["val_top1"] == result.metrics["val_top1"]
+
+    out = tmp_path / "eval"
+    evaluated = evaluate(result.package_uri, digits_dataset, split="val", output_dir=str(out))
+    assert evaluated["num_samples"] == val_rows
+    for key in ("top1", "top5", "f1_macro", "precision_weighted"):
+        assert evaluated[key] == pytest.approx(result.metrics[f"val_{key}"], abs=1e-6), key
+    assert evaluated["confusion_matrix"] == history[-1]["confusion_matrix"] or result.metrics["epoch"] != 4
+    assert {"metrics.json", "confusion_matrix.json", "confusion_matrix.png", "per_class.csv"} <= {
+        p.name for p in out.iterdir()}
+
+
+def test_pretrained_file_with_frozen_backbone(ray_cluster, digits_dataset, tmp_path):
+    source = timm.create_model("resnet10t", num_classes=3)
+    weights = str(tmp_path / "pretrained.safetensors")
+    save_weights_file(source, weights)
+    cfg = _config(tmp_path, "train.run_name=frozen", "train.epochs=1", "train.num_workers=1",
+                  f"model.pretrained={weights}", "model.mode=frozen")
+    result = train(digits_dataset, cfg)
+
+    packaged = load_file(str(Path(result.package_uri) / "model.safetensors"))
+    original = load_file(weights)
+    head = {"fc.weight", "fc.bias"}
+    assert packaged["fc.weight"].shape == (10, source.num_features)
+    backbone = set(packaged) - head
+    assert backbone == set(original) - head
+    for name in backbone:  # weights and BatchNorm statistics: a frozen backbone gets no update
+        assert torch.equal(packaged[name], original[name]), name
+
+
+def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the training driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_rerun_after_driver_killed_resumes_at_next_epoch_on_s3(ray_cluster, digits_dataset, s3_bucket, tmp_path):
+    storage_path = f"{s3_bucket}/runs"
+    run_uri = f"{storage_path}/resume"
+    overrides = [*FAST, f"train.storage_path={storage_path}", "train.run_name=resume", "train.epochs=4",
+                 "train.num_workers=2"]
+    args = [sys.executable, "-m", "cls_ray.cli", "train", "--data", digits_dataset]
+    for item in overrides:
+        args += ["--set", item]
+    log = open(tmp_path / "driver.log", "wb")
+    proc = subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": ray_cluster}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+    try:
+        _wait_for(lambda: storage.exists(snapshot) and b"epoch-0001" in storage.read_bytes(snapshot), 400,
+                  "the first checkpoint", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies with its run; the run's actors go with it
+        proc.wait()
+        log.close()
+    done_before = [r["epoch"] for r in _history(run_uri)]
+    assert done_before and done_before[-1] < 4, (tmp_path / "driver.log").read_text()[-3000:]
+
+    result = train(digits_dataset, load_config(None, overrides))
+    history = _history(run_uri)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # none lost, none repeated
+    resumed = {r["resumed_from"] for r in history if r["resumed_from"] is not None}
+    assert len(resumed) == 1
+    (start,) = resumed
+    assert start >= 1
+    assert all(r["resumed_from"] is None for r in history[:start])
+    assert all(r["resumed_from"] == start for r in history[start:])
+    assert result.metrics["epoch"] >= start and storage.exists(storage.join(result.package_uri, "model.json"))
+    assert result.package_uri == f"{run_uri}/package" and result.checkpoint_uri.startswith(f"{run_uri}/epoch-")
+
+
+def test_bad_configuration_is_refused_before_any_worker_starts(ray_cluster, digits_dataset, tmp_path):
+    runs = tmp_path / "runs"
+
+    def refused(error: type, match: str, data: str = digits_dataset, *overrides: str) -> None:
+        started = time.monotonic()
+        with pytest.raises(error, match=match):
+            train(data, _config(tmp_path, "train.run_name=bad", *overrides))
+        assert time.monotonic() - started < 30
+        assert not runs.exists()  # nothing written, no run started
+
+    refused(ConfigError, "model.name: timm has no architecture 'resnet_nope'", digits_dataset,
+            "model.name=resnet_nope")
+    refused(ConfigError, "train.num_workers: 9 workers", digits_dataset, "train.num_workers=9")
+    refused(ConfigError, "Ray Data decoding", digits_dataset, "train.num_workers=4")  # 4 x 1 CPU of 4: none left
+    empty = tmp_path / "not-a-dataset"
+    empty.mkdir()
+    refused(ManifestError, "no manifest.json", str(empty))
+    future = tmp_path / "future-dataset"
+    shutil.copytree(digits_dataset, future)
+    manifest = json.loads((future / "manifest.json").read_text())
+    (future / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    refused(ManifestError, "unknown manifest format_version 99", str(future))
+    refused(ConfigError, "train.metric", digits_dataset, "train.metric=val_accuracy")
+    refused(ConfigError, "data.batch_size: 4096", digits_dataset, "data.batch_size=4096")
+    assert cli_main(["train", "--data", digits_dataset, "--set", "model.name=resnet_nope"]) == 2

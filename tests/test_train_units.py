@@ -1,0 +1,252 @@
+"""Training pieces without Ray: the train step (frozen backbone, gradient accumulation), checkpoint state round
+trip, metrics (including their sync across two real gloo processes), losses, balanced sampling, decoding and the
+RandAugment guard."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import PILLOW_IMAGES, free_port
+from safetensors.torch import load_file
+
+from cls_ray.config import ConfigError, load_config
+from cls_ray.data.images import decode_image
+from cls_ray.data.pipeline import BalancedResample, decode_stored_image
+from cls_ray.data.transforms import create_train_transform, pillow_safe_auto_augment
+from cls_ray.metrics import ClassificationMetrics
+from cls_ray.models import create_model, data_config_for, save_weights_file
+from cls_ray.train.components import SoftmaxFocalLoss, class_weights
+from cls_ray.train.state import Progress, capture_rng_state, load_train_state, save_train_state
+from cls_ray.train.step import RunSpec, build_worker, train_one_epoch, train_step
+
+CLASSES = [f"c{i}" for i in range(4)]
+
+
+def _cfg(*overrides: str):
+    base = ["model.name=resnet10t", "model.image_size=32", "data.batch_size=8", "data.re_prob=0",
+            "optim.warmup_epochs=0", "train.epochs=2"]
+    return load_config(None, base + list(overrides))
+
+
+def _spec(cfg) -> RunSpec:
+    return RunSpec(classes=CLASSES, class_counts=[10, 10, 10, 10], data_config=data_config_for(cfg.model),
+                   run_uri="", updates_per_epoch=4)
+
+
+def _batches(n: int, size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "label": torch.randint(0, len(CLASSES), (size,), generator=g)} for _ in range(n)]
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    head = model.get_classifier()
+    return {f"{name}.{p}" for name, mod in model.named_modules() if mod is head for p, _ in mod.named_parameters()}
+
+
+def test_pretrained_file_replaces_head_and_frozen_backbone_gets_no_updates(tmp_path):
+    source = timm.create_model("resnet10t", num_classes=7)  # another head: it must be replaced, not loaded
+    weights = str(tmp_path / "backbone.safetensors")
+    save_weights_file(source, weights)
+    cfg = _cfg(f"model.pretrained={weights}", "model.mode=frozen", "optim.lr=0.05")
+    w = build_worker(cfg, _spec(cfg), torch.device("cpu"))
+    model = w.objs.model
+    file_state = load_file(weights)
+    heads = _head_names(model)
+    assert model.get_classifier().out_features == len(CLASSES)
+    for name, tensor in model.state_dict().items():
+        if name not in heads:
+            assert torch.equal(tensor, file_state[name]), name
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_one_epoch(w, _batches(3), Progress())
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == heads  # weights, BatchNorm statistics and counters of the backbone untouched
+
+
+def test_finetune_from_state_dict_pt_loads_every_backbone_tensor(tmp_path):
+    source = timm.create_model("resnet10t", num_classes=3)
+    path = str(tmp_path / "weights.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    model = create_model(load_config(None, ["model.name=resnet10t", f"model.pretrained={path}",
+                                           "model.mode=finetune"]).model, num_classes=5)
+    heads = _head_names(model)
+    for name, tensor in model.state_dict().items():
+        if name not in heads:
+            assert torch.equal(tensor, source.state_dict()[name]), name
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    # test_vit has only LayerNorm (no batch statistics), so two half batches must give the same update.
+    base = ["model.name=test_vit", "model.image_size=32", "optim.optimizer=sgd", "optim.lr=0.1", "optim.sched=none",
+            "optim.weight_decay=0", "data.label_smoothing=0", "model.channels_last=false"]
+    torch.manual_seed(0)
+    big = build_worker(_cfg(*base, "data.batch_size=16"), _spec(_cfg(*base)), torch.device("cpu"))
+    small = build_worker(_cfg(*base, "data.batch_size=8", "optim.grad_accum_steps=2"), _spec(_cfg(*base)),
+                         torch.device("cpu"))
+    small.objs.model.load_state_dict(big.objs.model.state_dict())
+    (batch,) = _batches(1, size=16)
+    train_step(big, batch, update=True, progress=Progress())
+    progress = Progress()
+    halves = [{k: v[:8] for k, v in batch.items()}, {k: v[8:] for k, v in batch.items()}]
+    train_step(small, halves[0], update=False, progress=progress)
+    assert progress.num_updates == 0
+    train_step(small, halves[1], update=True, progress=progress)
+    assert progress.num_updates == 1
+    for (name, a), b in zip(big.objs.model.state_dict().items(), small.objs.model.state_dict().values(),
+                            strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_train_state_round_trip_restores_optimizer_schedule_ema_and_rng(tmp_path):
+    cfg = _cfg("train.ema=true", "optim.sched_on_updates=true")
+    w = build_worker(cfg, _spec(cfg), torch.device("cpu"))
+    progress = Progress()
+    train_one_epoch(w, _batches(3), progress)
+    progress.epoch, progress.history = 1, [{"epoch": 1}]
+    random.seed(5)
+    rng = capture_rng_state()
+    save_train_state(str(tmp_path), w.objs, progress, [rng])
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+
+    fresh = build_worker(cfg, _spec(cfg), torch.device("cpu"))
+    restored = load_train_state(str(tmp_path), fresh.objs, rank=0, world_size=1)
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+    assert restored.epoch == 1 and restored.num_updates == 3 and restored.history == [{"epoch": 1}]
+    for a, b in zip(w.objs.model.state_dict().values(), fresh.objs.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(w.objs.ema.module.state_dict().values(), fresh.objs.ema.module.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert fresh.objs.optimizer.state_dict()["state"][0]["step"] == 3
+    assert fresh.objs.optimizer.param_groups[0]["lr"] == w.objs.optimizer.param_groups[0]["lr"]
+    assert fresh.objs.scheduler.state_dict() == w.objs.scheduler.state_dict()
+
+
+def _metrics_worker(rank: int, world: int, port: int, logits: torch.Tensor, target: torch.Tensor, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Uneven shards: rank 0 gets 7 rows, rank 1 the other 13.
+    part = slice(0, 7) if rank == 0 else slice(7, None)
+    metrics = ClassificationMetrics(5)
+    metrics.update(logits[part], target[part])
+    scalars, details = metrics.compute()
+    out[rank] = (scalars, details)
+    dist.destroy_process_group()
+
+
+def test_metrics_sync_across_ranks_equal_single_process():
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(20, 5, generator=g), torch.randint(0, 5, (20,), generator=g)
+    single = ClassificationMetrics(5)
+    single.update(logits, target)
+    expected, expected_details = single.compute()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_metrics_worker, args=(2, free_port(), logits, target, out), nprocs=2, join=True)
+        results = dict(out)
+    for rank in (0, 1):
+        scalars, details = results[rank]
+        assert scalars == pytest.approx(expected, abs=1e-6)
+        assert details["confusion_matrix"] == expected_details["confusion_matrix"]
+    assert expected["num_samples"] == 20
+    assert expected["top1"] == pytest.approx(float((logits.argmax(1) == target).float().mean()))
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    g = torch.Generator().manual_seed(1)
+    logits, target = torch.randn(64, 6, generator=g), torch.randint(0, 6, (64,), generator=g)
+    metrics = ClassificationMetrics(6)
+    metrics.update(logits[:30], target[:30])
+    metrics.update(logits[30:], target[30:])
+    scalars, details = metrics.compute()
+    pred = logits.argmax(1).numpy()
+    for avg in ("macro", "weighted"):
+        assert scalars[f"f1_{avg}"] == pytest.approx(f1_score(target, pred, average=avg, zero_division=0), abs=1e-6)
+        assert scalars[f"precision_{avg}"] == pytest.approx(
+            precision_score(target, pred, average=avg, zero_division=0), abs=1e-6)
+        assert scalars[f"recall_{avg}"] == pytest.approx(recall_score(target, pred, average=avg, zero_division=0),
+                                                         abs=1e-6)
+    assert scalars["loss"] == pytest.approx(float(F.cross_entropy(logits, target)), abs=1e-6)
+    top5 = logits.topk(5, dim=1).indices.eq(target[:, None]).any(1).float().mean()
+    assert scalars["top5"] == pytest.approx(float(top5))
+    assert [r["support"] for r in details["per_class"]] == np.bincount(target.numpy(), minlength=6).tolist()
+
+
+def test_focal_loss_reduces_to_weighted_cross_entropy_at_gamma_zero():
+    g = torch.Generator().manual_seed(2)
+    logits, target = torch.randn(16, 4, generator=g), torch.randint(0, 4, (16,), generator=g)
+    weight = class_weights([30, 10, 5, 5])
+    assert weight.tolist() == pytest.approx([50 / 120, 50 / 40, 50 / 20, 50 / 20])
+    ce = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    soft = F.one_hot(target, 4).float() * 0.9 + 0.1 / 4
+    focal = SoftmaxFocalLoss(gamma=0.0, weight=weight, label_smoothing=0.1)
+    # torch's weighted CE averages by the sum of weights for hard labels, by N for soft targets.
+    assert float(focal(logits, target)) == pytest.approx(float(torch.nn.CrossEntropyLoss(weight=weight)(logits, soft)))
+    assert float(focal(logits, soft)) == pytest.approx(float(focal(logits, target)))
+    assert float(SoftmaxFocalLoss(gamma=2.0)(logits, target)) < float(ce(logits, target))
+
+
+def test_balanced_resample_equalises_classes():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    resample = BalancedResample([900, 90, 10])
+    counts = np.zeros(3)
+    for _ in range(50):
+        out = resample({"label": labels, "image": np.arange(1000)})
+        assert (out["label"] == labels[out["image"]]).all()  # rows stay intact
+        counts += np.bincount(out["label"], minlength=3)
+    shares = counts / counts.sum()
+    assert shares == pytest.approx([1 / 3] * 3, abs=0.02)
+    assert counts.sum() / 50 == pytest.approx(1000, rel=0.05)  # an epoch keeps about the split's size
+
+
+def test_fast_decode_is_pixel_identical_to_the_hardened_decoder():
+    checked = 0
+    for path in sorted(p for p in PILLOW_IMAGES.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        try:
+            reference = np.asarray(decode_image(data, 64_000_000)[0])
+        except ValueError:
+            continue
+        assert np.array_equal(np.asarray(decode_stored_image(data, 64_000_000)), reference), path.name
+        checked += 1
+    assert checked > 300
+
+
+def test_randaugment_guard_keeps_posterize_valid():
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))
+    data_config = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                   "crop_pct": 1.0}
+    raw = timm.data.create_transform(32, is_training=True, use_prefetcher=True, auto_augment="rand-m10-n4-inc1")
+    random.seed(0)
+    with pytest.raises(ValueError, match="bits"):  # unguarded timm + Pillow >= 11: posterize(bits=0)
+        for _ in range(3000):
+            raw(image)
+    guarded = create_train_transform(data_config, load_config(None, ["data.auto_augment=rand-m10-n4-inc1"]).data)
+    for _ in range(3000):
+        assert guarded(image).shape == (3, 32, 32)
+    assert pillow_safe_auto_augment("rand-m9-mstd0.5-inc1") == "rand-m9-mstd0.5-inc1-mmax9"
+    assert pillow_safe_auto_augment("rand-m9-inc1-mmax7") == "rand-m9-inc1-mmax7"
+    assert pillow_safe_auto_augment(None) is None
+
+
+def test_config_checks_name_the_key():
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(None, ["data.mixup=0.2", "data.batch_size=7"])
+    with pytest.raises(ConfigError, match="model.crop_pct"):
+        load_config(None, ["model.crop_pct=1.5"])
