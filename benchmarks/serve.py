@@ -8,7 +8,9 @@ Three runs against the same model package, the same replicas and the same cores:
    preprocessing and a batch of one: the difference is what the HTTP path adds per request.
 
 The runs alternate over ``--rounds`` rounds and the medians are reported, so a change in the machine's load hits
-every variant alike. The load comes from a separate process (aiohttp, keep-alive connections). Images are real Fashion-MNIST pictures
+every variant alike. The load comes from a separate process (aiohttp, keep-alive connections). Besides wall-clock
+latency, the CPU time the Serve proxy, ingress and model processes spend per request is recorded: on a shared
+machine wall time grows with everyone else's load, CPU time much less. Images are real Fashion-MNIST pictures
 (Debian package ``dataset-fashion-mnist``) encoded as PNG. Run: ``.venv/bin/python benchmarks/serve.py``.
 """
 
@@ -81,18 +83,19 @@ async def _load(url: str, payloads: list[bytes], concurrency: int, duration: flo
     import aiohttp
 
     latencies: list[float] = []
-    errors = 0
+    errors = total = 0
     start = time.perf_counter()
     measure_from, end = start + warmup, start + warmup + duration
     headers = {"Content-Type": "image/png"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
 
         async def client(i: int) -> None:
-            nonlocal errors
+            nonlocal errors, total
             while (t0 := time.perf_counter()) < end:
                 async with session.post(url, data=payloads[i % len(payloads)], headers=headers) as resp:
                     await resp.read()
                     ok = resp.status == 200
+                total += 1
                 if t0 >= measure_from:
                     if ok:
                         latencies.append(time.perf_counter() - t0)
@@ -101,7 +104,7 @@ async def _load(url: str, payloads: list[bytes], concurrency: int, duration: flo
                 i += concurrency
 
         await asyncio.gather(*(client(i) for i in range(concurrency)))
-    return summarize(latencies, duration, errors)
+    return {**summarize(latencies, duration, errors), "total_requests": total}
 
 
 def summarize(latencies: list[float], duration: float, errors: int = 0) -> dict:
@@ -129,13 +132,14 @@ def measure_direct(model_uri: str, payloads: list[bytes], duration: float, threa
         predictor.predict_batch([predictor.preprocess(data)])
     latencies = []
     end = time.perf_counter() + duration
+    cpu_start = time.process_time()
     i = 0
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         predictor.predict_batch([predictor.preprocess(payloads[i % len(payloads)])])
         latencies.append(time.perf_counter() - t0)
         i += 1
-    return summarize(latencies, duration)
+    return {**summarize(latencies, duration), "cpu_ms_per_request": (time.process_time() - cpu_start) * 1000 / i}
 
 
 def serve_config(args: argparse.Namespace, port: int, max_batch_size: int) -> ServeConfig:
@@ -143,6 +147,36 @@ def serve_config(args: argparse.Namespace, port: int, max_batch_size: int) -> Se
                        num_cpus=args.model_cpus, ingress_num_cpus=1, max_batch_size=max_batch_size,
                        batch_wait_timeout_s=args.batch_wait_timeout_s,
                        max_ongoing_requests=max(64, 2 * args.max_batch_size))
+
+
+SERVE_ROLES = {"proxy": "ProxyActor", "ingress": "ServeReplica:bench:ClassifierIngress",
+               "model": "ServeReplica:bench:ClassifierModel"}
+
+
+def serving_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this cluster's Serve proxy, ingress and model replica processes
+    (Ray's workers are children of this process). CPU time is not inflated by other jobs the way wall time is."""
+    import psutil
+
+    totals = dict.fromkeys(SERVE_ROLES, 0.0)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        for role, marker in SERVE_ROLES.items():
+            if marker in title:
+                totals[role] += times.user + times.system
+    return totals
+
+
+def idle_cpu_rate(seconds: float) -> dict[str, float]:
+    """CPU seconds per second each Serve role uses with no request in flight."""
+    before = serving_cpu_seconds()
+    time.sleep(seconds)
+    after = serving_cpu_seconds()
+    return {role: (after[role] - before[role]) / seconds for role in SERVE_ROLES}
 
 
 def replica_stats(url: str) -> dict:
@@ -176,12 +210,20 @@ def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes])
             predict = f"{url}/v1/predict"
             model = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name="bench")
             replica = replica_stats(url)["replica"]
+            idle = idle_cpu_rate(args.warmup + args.duration)
+            results["idle_cpu_ms_per_s"] = {role: rate * 1000 for role, rate in idle.items()}
             for _ in range(args.rounds):
                 for key, size, wait, clients in (("batched", args.max_batch_size, args.batch_wait_timeout_s,
                                                   args.concurrency), ("unbatched", 1, 0.0, args.concurrency),
                                                  ("sequential_http", 1, 0.0, 1)):
                     _set_batching(model, url, size, wait, replica)
+                    cpu_before, t0 = serving_cpu_seconds(), time.perf_counter()
                     result = load_from_process(pool, predict, payloads, clients, args)
+                    cpu_after, wall = serving_cpu_seconds(), time.perf_counter() - t0
+                    # Minus what the processes burn when idle (Ray's background threads), per request of the run.
+                    result["cpu_ms_per_request"] = {
+                        role: max(0.0, cpu_after[role] - cpu_before[role] - idle[role] * wall) * 1000
+                        / max(1, result["total_requests"]) for role in SERVE_ROLES}
                     result["mean_batch_size"] = replica_stats(url)["mean_batch_size"]
                     results[key].append(result)
                 results["direct"].append(measure_direct(model_uri, payloads, args.duration, args.model_cpus))
@@ -222,10 +264,26 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> dict:
         print(f"{label:<34}{row['throughput_rps']:>9.1f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{batch:>7}"
               f"{row['errors']:>8}")
         summary[key] = row
+    idle = ", ".join(f"{role} {rate:.1f}" for role, rate in results["idle_cpu_ms_per_s"].items())
+    print(f"\nidle CPU use subtracted (ms per s): {idle}")
+    print(f"{'CPU ms per request':<34}{'proxy':>9}{'ingress':>9}{'model':>9}{'total':>9}")
+    for label, key in rows:
+        runs = results[key]
+        if key == "direct":
+            cpu = {"total": statistics.median(r["cpu_ms_per_request"] for r in runs)}
+        else:
+            cpu = {role: statistics.median(r["cpu_ms_per_request"][role] for r in runs) for role in SERVE_ROLES}
+            cpu["total"] = sum(cpu.values())
+        cells = "".join(f"{cpu[role]:>9.2f}" if role in cpu else f"{'-':>9}" for role in (*SERVE_ROLES, "total"))
+        print(f"{label:<34}{cells}")
+        summary[key]["cpu_ms_per_request"] = cpu
     summary["speedup"] = summary["batched"]["throughput_rps"] / summary["unbatched"]["throughput_rps"]
     summary["added_ms_p50"] = summary["sequential_http"]["p50_ms"] - summary["direct"]["p50_ms"]
+    summary["added_cpu_ms"] = (summary["sequential_http"]["cpu_ms_per_request"]["total"]
+                               - summary["direct"]["cpu_ms_per_request"]["total"])
     print(f"\nthroughput with dynamic batching: {summary['speedup']:.2f}x of max_batch_size=1 (target >= 4x)")
-    print(f"added per request by the HTTP path (p50, 1 client): {summary['added_ms_p50']:.2f} ms (target <= 2 ms)")
+    print(f"added per request by the HTTP path (p50, 1 client): {summary['added_ms_p50']:.2f} ms wall, "
+          f"{summary['added_cpu_ms']:.2f} ms CPU (target <= 2 ms)")
     return summary
 
 
