@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import read_fashion_mnist  # noqa: E402
+from _data import FASHION_MNIST_DIR, read_fashion_mnist  # noqa: E402
 
 from cls_ray.config import ServeConfig  # noqa: E402
 from cls_ray.export import save_model_package  # noqa: E402
@@ -58,6 +58,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--direct-ingress", action="store_true",
                    help="Ray Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the ingress "
                         "replica listens on port 8000 itself, no proxy hop")
+    p.add_argument("--model-only", action="store_true",
+                   help="only the model alone (no Serve, no Ray): batch of 1 vs --max-batch-size, on --device")
+    p.add_argument("--device", default="cpu", help="device of --model-only (cuda: channels-last + --amp)")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
+    p.add_argument("--fashion-mnist-dir", type=Path, default=FASHION_MNIST_DIR)
     p.add_argument("--output", help="also write the results as JSON here")
     return p.parse_args()
 
@@ -69,8 +74,8 @@ def make_package(root: Path, model_name: str, image_size: int) -> str:
     return save_model_package(str(root / "package"), model, meta)
 
 
-def make_payloads(num_images: int, side: int) -> list[bytes]:
-    images, _ = read_fashion_mnist(num_images)
+def make_payloads(num_images: int, side: int, root: Path = FASHION_MNIST_DIR) -> list[bytes]:
+    images, _ = read_fashion_mnist(num_images, root)
     payloads = []
     for gray in images:
         buf = io.BytesIO()
@@ -287,15 +292,45 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> dict:
     return summary
 
 
+def measure_model_batching(model_uri: str, payloads: list[bytes], args: argparse.Namespace) -> dict:
+    """What batching gains at the model alone: images/s of ``predict_batch`` at batch 1 and at --max-batch-size."""
+    if args.device == "cpu":
+        torch.set_num_threads(args.model_cpus)
+    predictor = Predictor.from_uri(model_uri, device=args.device, amp=args.amp)
+    arrays = [predictor.preprocess(data) for data in payloads]
+    rates = {}
+    for size in (1, args.max_batch_size):
+        batch = (arrays * (1 + size // len(arrays)))[:size]
+        for _ in range(5):
+            predictor.predict_batch(batch)  # .cpu() inside synchronises with the GPU
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < args.duration / 2:
+            predictor.predict_batch(batch)
+            n += 1
+        rates[size] = size * n / (time.perf_counter() - start)
+    speedup = rates[args.max_batch_size] / rates[1]
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.model_cpus} CPU thread(s)"
+    amp = args.amp if args.device != "cpu" else "none"
+    print(f"\nmodel alone ({args.model} @ {args.image_size}px, {name}, amp {amp}):"
+          f" batch 1 {rates[1]:.0f} img/s, batch {args.max_batch_size} {rates[args.max_batch_size]:.0f} img/s"
+          f" = {speedup:.1f}x")
+    return {"batch_1_img_s": rates[1], f"batch_{args.max_batch_size}_img_s": rates[args.max_batch_size],
+            "speedup": speedup, "device": name}
+
+
 def main() -> None:
     args = parse_args()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="cls-ray-serve-bench-") as tmp:
         model_uri = make_package(Path(tmp), args.model, args.image_size)
-        payloads = make_payloads(args.num_images, args.image_size)
+        payloads = make_payloads(args.num_images, args.image_size, args.fashion_mnist_dir)
+        model_alone = measure_model_batching(model_uri, payloads, args)
+        if args.model_only:
+            return
         results: dict = run_serving(args, model_uri, payloads)
     results["load"] = f"{load_before:.1f}/{os.getloadavg()[0]:.1f}"
     summary = report(args, results)
+    summary["model_alone"] = model_alone
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "runs": results, "summary": summary},
                                                 indent=2))
