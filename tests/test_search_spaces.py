@@ -19,6 +19,8 @@ from cls_ray.tune.space import (
     trial_config,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
 REQUIRED = {

@@ -1,0 +1,253 @@
+"""The search stage end to end on a real Ray cluster and real data (scikit-learn digits, ingested): Optuna TPE +
+ASHA over multi-worker Ray Train trials, the leaderboard, promotion of the best trial, and resuming an experiment
+whose driver was killed."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import timm
+from conftest import free_port, write_digits_folders
+
+from cls_ray.config import IngestConfig, load_config
+from cls_ray.export import read_package_meta
+from cls_ray.models import save_weights_file
+from cls_ray.tune.leaderboard import COMPLETED, ERRORED, STOPPED_ASHA
+from cls_ray.tune.tuner import tune
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Digits at 32 px learn within an epoch or two when augmentation stays light; warm-up off so epoch 1 already
+# separates good learning rates from bad ones (ASHA decides at epoch 1).
+FAST = [
+    "model.image_size=32",
+    "model.crop_pct=1.0",
+    "data.auto_augment=null",
+    "data.color_jitter=0.0",
+    "data.hflip=0.0",
+    "data.re_prob=0.0",
+    "data.scale=[0.6, 1.0]",
+    "data.label_smoothing=0.0",
+    "data.batch_size=16",
+    "data.eval_batch_size=128",
+    "optim.warmup_epochs=0",
+    "train.max_failures=0",
+    "train.keep_checkpoints=1",
+]
+
+TWO_ARCHS = """
+version: 1
+fixed:
+  model.mode: scratch
+params:
+  optim.lr: {loguniform: [1.0e-4, 1.0e-1]}
+families:
+  resnet: {architectures: [resnet10t]}
+  mobilenet: {architectures: [mobilenetv3_small_050]}
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One 2-CPU Ray node for the module, with the dashboard: ASHA kills the trials it stops, and Ray Train's
+    PlacementGroupCleaner frees their workers' resources through the dashboard's state API. RAY_ADDRESS in the
+    workers' environment points that API at this cluster when other Ray instances run on the machine."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "object_store_memory": 400 * 1024**2,
+            "include_dashboard": True,
+            "dashboard_port": free_port(),
+        },
+    )
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits_dataset(tmp_path_factory) -> str:
+    """60 real digits per class (420 train / 90 val / 90 test after the split): epochs of about a second."""
+    from cls_ray.data.ingest import ingest
+
+    root = tmp_path_factory.mktemp("tune-digits")
+    folders = write_digits_folders(root / "folders", per_class=60)
+    ingest(str(folders), str(root / "dataset"), IngestConfig(), summary=False)
+    return str(root / "dataset")
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def test_search_stops_trials_early_and_promotes_the_best(ray_address, digits_dataset, tmp_path):
+    from cls_ray.evaluate import evaluate
+
+    space = tmp_path / "two_archs.yaml"
+    space.write_text(TWO_ARCHS)
+    cfg = load_config(
+        None,
+        FAST
+        + [
+            f"tune.space={space}",
+            f"tune.storage_path={tmp_path}",
+            "tune.experiment_name=search",
+            "tune.num_samples=5",
+            "tune.max_epochs=3",
+            "tune.grace_period=1",
+            "tune.reduction_factor=2",
+            "tune.seed=1",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",  # 2 DDP workers per trial + 1 CPU for decoding
+        ],
+    )
+    result = tune(digits_dataset, cfg)
+    exp = tmp_path / "search"
+
+    board = pq.read_table(exp / "leaderboard.parquet").to_pylist()
+    assert len(board) == 5
+    assert sorted(row["trial"].split("_")[1] for row in board) == ["0001", "0002", "0003", "0004", "0005"]
+    assert all(row["trial"].endswith(row["model.name"]) for row in board)
+    statuses = {row["status"] for row in board}
+    assert ERRORED not in statuses, board
+    assert COMPLETED in statuses and STOPPED_ASHA in statuses, board
+    for row in board:
+        assert (row["epochs"] == 3) == (row["status"] == COMPLETED)
+        assert row["val_top1"] is not None and row["wall_time_s"] > 0
+        assert (exp / row["trial"] / "params.json").exists()
+        assert glob.glob(str(exp / row["trial"] / "events.out.tfevents.*")), "TensorBoard events per trial"
+        epochs = [r["epoch"] for r in _results(exp / row["trial"])]
+        assert epochs == list(range(1, row["epochs"] + 1))
+    ranked = [row["val_top1"] for row in board]
+    assert ranked == sorted(ranked, reverse=True)
+    assert {row["model.name"] for row in board} == {"resnet10t", "mobilenetv3_small_050"}
+
+    best = board[0]
+    assert result.best_trial == best["trial"] and result.best_metric == pytest.approx(best["val_top1"])
+    assert result.best_package_uri == str(exp / "best")
+    meta = read_package_meta(result.best_package_uri)
+    assert meta["architecture"] == best["model.name"]
+    assert meta["train_config"]["optim"]["lr"] == pytest.approx(best["optim.lr"])
+    assert meta["metrics"]["epoch"] == best["best_epoch"]
+    # The promoted package, evaluated anew on the validation split, scores what the leaderboard reports.
+    val = evaluate(result.best_package_uri, digits_dataset, "val", str(tmp_path / "eval-val"), 128)
+    assert val["top1"] == pytest.approx(best["val_top1"], abs=1e-6)
+    assert result.test_metrics is not None and 0 <= result.test_metrics["top1"] <= 1
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["best_trial"] == best["trial"] and summary["best_package"] == result.best_package_uri
+    assert (exp / "leaderboard.csv").read_text().splitlines()[0].startswith('"rank","trial","status","val_top1"')
+
+
+def _state_statuses(exp: Path) -> dict[str, str]:
+    """Trial name -> status in Tune's newest experiment state file."""
+    files = sorted(exp.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+    except ValueError:  # caught mid-write
+        return {}
+    states = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
+    return {s["custom_trial_name"]: s["status"] for s in states}
+
+
+def _finished_and_one_midway(exp: Path, max_epochs: int) -> bool:
+    statuses = _state_statuses(exp)
+    if "TERMINATED" not in statuses.values():
+        return False
+    running = [name for name, status in statuses.items() if status == "RUNNING"]
+    return any(0 < len(_results(exp / name)) < max_epochs for name in running)
+
+
+def _resume_space(tmp_path: Path) -> Path:
+    """One architecture; weights from a file or none, finetuned or frozen: frozen without weights is an impossible
+    combination that only shows once both are sampled, so those trials error while the search goes on."""
+    weights = tmp_path / "resnet10t.safetensors"
+    save_weights_file(timm.create_model("resnet10t", num_classes=10), str(weights))
+    space = tmp_path / "resume.yaml"
+    space.write_text(f"""
+version: 1
+params:
+  model.pretrained: {{choice: ["{weights}", null]}}
+  model.mode: {{choice: [finetune, frozen]}}
+  optim.lr: {{loguniform: [1.0e-3, 3.0e-2]}}
+families:
+  resnet: {{architectures: [resnet10t]}}
+""")
+    return space
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_address, digits_dataset, tmp_path):
+    space = _resume_space(tmp_path)
+    overrides = FAST + [
+        f"tune.storage_path={tmp_path}",
+        "tune.experiment_name=resumable",
+        "tune.num_samples=4",
+        "tune.max_epochs=3",
+        "tune.grace_period=3",
+        "tune.seed=3",
+        "tune.evaluate_test=false",
+        "train.num_workers=1",
+    ]
+    argv = [sys.executable, "-m", "cls_ray.cli", "tune", "--data", digits_dataset, "--space", str(space)]
+    argv += [arg for item in overrides for arg in ("--set", item)]
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    exp = tmp_path / "resumable"
+    log = (tmp_path / "first-driver.log").open("wb")
+    driver = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:  # kill the driver once a trial finished and another is between epochs
+        deadline = time.monotonic() + 600
+        while not _finished_and_one_midway(exp, max_epochs=3):
+            assert driver.poll() is None, (tmp_path / "first-driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    statuses = _state_statuses(exp)
+    finished = {name for name, status in statuses.items() if status in ("TERMINATED", "ERROR")}
+    midway = {name: _results(exp / name) for name in statuses if name not in finished and _results(exp / name)}
+    before = {name: _results(exp / name) for name in finished}
+    runs_before = {
+        name: (exp / "runs" / name / "metrics.jsonl").read_bytes()
+        for name in finished
+        if (exp / "runs" / name / "metrics.jsonl").exists()
+    }
+    assert len(finished) < 4, "the driver was killed mid-experiment"
+
+    result = tune(digits_dataset, load_config(None, overrides + [f"tune.space={space}"]))
+
+    board = {row["trial"]: row for row in pq.read_table(exp / "leaderboard.parquet").to_pylist()}
+    assert sorted(n.split("_")[1] for n in board) == ["0001", "0002", "0003", "0004"]
+    for name in finished:  # finished trials were not run again
+        assert _results(exp / name) == before[name]
+        if name in runs_before:
+            assert (exp / "runs" / name / "metrics.jsonl").read_bytes() == runs_before[name]
+    for name, row in board.items():
+        impossible = row["model.mode"] == "frozen" and row["model.pretrained"] is None
+        assert row["status"] == (ERRORED if impossible else COMPLETED), row
+        if impossible:
+            assert "model.mode" in row["error"] and "model.pretrained" in row["error"]
+        else:  # an interrupted trial continued its Train run from the last checkpoint: no epoch reported twice
+            assert [r["epoch"] for r in _results(exp / name)] == [1, 2, 3]
+    for name, partial in midway.items():  # ... and kept what it had reported before the kill
+        assert _results(exp / name)[: len(partial)] == partial
+    assert any(row["status"] == ERRORED for row in board.values()), "the space yields an impossible combination"
+    assert result.best_trial in board and board[result.best_trial]["status"] == COMPLETED
