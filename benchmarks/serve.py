@@ -333,7 +333,7 @@ def main() -> None:
     summary["model_alone"] = model_alone
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "runs": results, "summary": summary},
-                                                indent=2))
+                                                indent=2, default=str))
 
 
 if __name__ == "__main__":
