@@ -78,17 +78,24 @@ class Leaderboard:
         return records
 
 
+_WRAPPERS = ("WorkerGroupError", "TrainingFailedError", "RayTaskError", "TuneError", "RayActorError")
+
+
 def _error_summary(error: BaseException | None) -> str | None:
     """The line of a trial's error that says what went wrong (Tune and Train wrap the worker's traceback)."""
     if error is None:
         return None
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    full = str(error)
+    lines = [line.strip() for line in full.splitlines() if line.strip()]
     raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
-    text = raised[-1] if raised else (lines[-1] if lines else type(error).__name__)
+    specific = [line for line in raised if not any(w in line.split(":", 1)[0] for w in _WRAPPERS)]
+    text = (specific or raised or lines[-1:] or [type(error).__name__])[-1]
+    if re.search(r"oom kill|OutOfMemoryError|low on memory", full, re.IGNORECASE):
+        text = f"out of memory (Ray's memory monitor killed a worker): {text}"
     return text[:500]
 
 
-def _trial_config(result: Any) -> dict[str, Any]:
+def result_config(result: Any) -> dict[str, Any]:
     """The trial's sampled values: from its results, or from ``params.json`` when it errored before reporting."""
     if result.config:
         return dict(result.config)
@@ -132,7 +139,7 @@ def trial_row(result: Any, metric: str, mode: str, max_epochs: int) -> TrialRow:
         best_epoch=best_epoch,
         epochs=epochs,
         wall_time_s=wall,
-        config=config_values(_trial_config(result)),
+        config=config_values(result_config(result)),
         error=_error_summary(result.error),
     )
 
