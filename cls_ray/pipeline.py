@@ -74,13 +74,15 @@ def _final_config(cfg: Config, search: Any) -> Config:
 def run_pipeline(cfg: Config) -> PipelineResult:
     """Run the stages of ``cfg.pipeline.stages`` in chain order."""
     stages = cfg.pipeline.stages
+    if "ingest" in stages and not cfg.source:
+        raise ConfigError("source: the pipeline's ingest stage needs `source` (class folders, local or s3://)")
+    if ("evaluate" in stages or "serve" in stages) and not ("tune" in stages or "train" in stages):
+        raise ConfigError("pipeline.stages: evaluate and serve need a model: include tune or train")
     write_resolved(cfg, cfg.workdir)
     result = PipelineResult(dataset_uri=storage.join(cfg.workdir, "dataset"))
     if "ingest" in stages:
         from cls_ray.data.ingest import ingest
 
-        if not cfg.source:
-            raise ConfigError("source: the pipeline's ingest stage needs `source` (class folders, local or s3://)")
         ingest(cfg.source, result.dataset_uri, cfg.ingest)
     if "tune" in stages:
         result.search = _search(result.dataset_uri, cfg)
@@ -89,8 +91,6 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         from cls_ray.train.trainer import train
 
         result.package_uri = train(result.dataset_uri, _final_config(cfg, result.search)).package_uri
-    if result.package_uri is None and ("evaluate" in stages or "serve" in stages):
-        raise ConfigError("pipeline.stages: evaluate and serve need a model: include tune or train")
     if "evaluate" in stages:
         from cls_ray.evaluate import evaluate
 
@@ -161,11 +161,8 @@ def run_demo(workdir: str = "demo_output", overrides: list[str] | None = None, k
         cfg.pipeline.stages.append("serve")
     result = run_pipeline(cfg)
     if result.test_metrics:
-        top1 = result.test_metrics.get("top1", result.test_metrics.get("test_top1"))
-        logger.info("test metrics of %s: %s", result.package_uri, {k: v for k, v in result.test_metrics.items()
-                                                                    if isinstance(v, float)})
-        if top1 is not None:
-            print(f"Fashion-MNIST test accuracy (top-1): {top1:.4f}", flush=True)
+        print(f"Fashion-MNIST test accuracy (top-1) of {result.package_uri}: {result.test_metrics['top1']:.4f}",
+              flush=True)
     if keep_serving:
         report_serving(result.url, result.package_uri, detach=False)
         _serve_until_interrupted()
