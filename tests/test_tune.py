@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -60,10 +62,11 @@ families:
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def ray_cluster(s3_server):
     """One 2-CPU Ray node for the module, with the dashboard: ASHA kills the trials it stops, and Ray Train's
     PlacementGroupCleaner frees their workers' resources through the dashboard's state API. RAY_ADDRESS in the
-    workers' environment points that API at this cluster when other Ray instances run on the machine."""
+    workers' environment points that API at this cluster when other Ray instances run on the machine. Started after
+    the S3 server so its workers inherit the AWS variables."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
@@ -75,8 +78,8 @@ def ray_address():
             "dashboard_port": free_port(),
         },
     )
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
-    yield cluster.address
+    context = ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    yield SimpleNamespace(address=cluster.address, dashboard_url=f"http://{context.dashboard_url}")
     ray.shutdown()
     cluster.shutdown()
 
@@ -97,7 +100,7 @@ def _results(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def test_search_stops_trials_early_and_promotes_the_best(ray_address, digits_dataset, tmp_path):
+def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dataset, tmp_path):
     from cls_ray.evaluate import evaluate
 
     space = tmp_path / "two_archs.yaml"
@@ -153,6 +156,10 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_address, digits_dat
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["best_trial"] == best["trial"] and summary["best_package"] == result.best_package_uri
     assert (exp / "leaderboard.csv").read_text().splitlines()[0].startswith('"rank","trial","status","val_top1"')
+    # Every trial's Train run is on the dashboard's Train page, named after its trial.
+    with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1", timeout=30) as response:
+        runs = json.loads(response.read())["train_runs"]
+    assert {row["trial"] for row in board} <= {run["name"] for run in runs}
 
 
 def _state_statuses(exp: Path) -> dict[str, str]:
@@ -194,7 +201,7 @@ families:
     return space
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(ray_address, digits_dataset, tmp_path):
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, digits_dataset, tmp_path):
     space = _resume_space(tmp_path)
     overrides = FAST + [
         f"tune.storage_path={tmp_path}",
@@ -208,7 +215,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_address, di
     ]
     argv = [sys.executable, "-m", "cls_ray.cli", "tune", "--data", digits_dataset, "--space", str(space)]
     argv += [arg for item in overrides for arg in ("--set", item)]
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     exp = tmp_path / "resumable"
     log = (tmp_path / "first-driver.log").open("wb")
     driver = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -251,3 +258,35 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_address, di
         assert _results(exp / name)[: len(partial)] == partial
     assert any(row["status"] == ERRORED for row in board.values()), "the space yields an impossible combination"
     assert result.best_trial in board and board[result.best_trial]["status"] == COMPLETED
+
+
+def test_experiment_on_s3_keeps_state_checkpoints_and_package_there(ray_cluster, digits_dataset, s3_bucket, tmp_path):
+    from cls_ray import storage
+
+    space = tmp_path / "one.yaml"
+    space.write_text(TWO_ARCHS.replace("  mobilenet: {architectures: [mobilenetv3_small_050]}\n", ""))
+    root = f"{s3_bucket}/experiments"
+    cfg = load_config(
+        None,
+        FAST
+        + [
+            f"tune.space={space}",
+            f"tune.storage_path={root}",
+            "tune.experiment_name=remote",
+            "tune.num_samples=1",
+            "tune.max_epochs=1",
+            "train.num_workers=1",
+        ],
+    )
+    result = tune(digits_dataset, cfg)
+
+    exp = f"{root}/remote"
+    assert result.experiment_uri == exp and result.best_package_uri == f"{exp}/best"
+    names = {info.path.rsplit("/", 1)[-1] for info in storage.list_files(exp, recursive=False)}
+    assert "tuner.pkl" in names and "leaderboard.csv" in names and "summary.json" in names
+    trial = result.best_trial
+    run_files = [info.path for info in storage.list_files(f"{exp}/runs/{trial}")]
+    assert any("/epoch-0001/" in path for path in run_files), run_files
+    assert storage.exists(f"{exp}/{trial}/result.json")
+    assert read_package_meta(result.best_package_uri)["metrics"]["val_top1"] == pytest.approx(result.best_metric)
+    assert result.test_metrics is not None and storage.exists(f"{exp}/best/eval-test/metrics.json")

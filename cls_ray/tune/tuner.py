@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ import ray
 from ray import tune as ray_tune
 
 from cls_ray import storage
-from cls_ray.config import Config, write_resolved
+from cls_ray.config import Config, dump_yaml, write_resolved
 from cls_ray.tune.leaderboard import Leaderboard, build_leaderboard, print_leaderboard, write_leaderboard
 from cls_ray.tune.space import ARCH_PARAM, SearchSpace, load_search_space, trial_config
 
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 RUNS_DIR = "runs"
 BEST_DIR = "best"
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "tune_config.yaml"
 TIME_ATTR = "epoch"
 """ASHA's clock: the epoch the workers report. Unlike ``training_iteration`` it stays right when a trial resumes
 its Train run from a checkpoint after the driver died (Tune restarts its iteration count, the run does not)."""
@@ -93,6 +95,9 @@ def run_trial(config: dict[str, Any], data_uri: str, base: Config) -> None:
 
     from cls_ray.train.trainer import build_trainer
 
+    # Ray Train's run state tracking: every trial's Train run (named after the trial) shows on the dashboard's
+    # Train page with its workers and status. An explicit RAY_TRAIN_ENABLE_STATE_TRACKING=0 is respected.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     name = ray_tune.get_context().get_trial_name()
     cfg = trial_config(base, {**config, "train.run_name": name}, f"trial {name}")
     trainer = build_trainer(
@@ -217,10 +222,18 @@ def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) ->
     return ray_tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-def _ensure_ray() -> None:
-    if not ray.is_initialized():
-        # Honours RAY_ADDRESS (a cluster, or `ray job submit`); otherwise starts a local Ray.
-        ray.init()
+def _record_config(cfg: Config, exp: str) -> None:
+    """Write the config a search starts with; on resume keep it (Tune restores the original search settings)."""
+    uri = storage.join(exp, CONFIG_FILE)
+    if not storage.exists(uri):
+        write_resolved(cfg, exp, CONFIG_FILE)
+    elif storage.read_bytes(uri).decode() != dump_yaml(cfg):
+        logger.warning(
+            "the config differs from the one experiment %s started with (%s); a resumed experiment keeps "
+            "its original search settings, trials and space",
+            exp,
+            uri,
+        )
 
 
 def tune(data_uri: str, cfg: Config) -> TuneResult:
@@ -231,14 +244,15 @@ def tune(data_uri: str, cfg: Config) -> TuneResult:
         TuneError: No trial produced the metric (nothing to promote); the leaderboard is still written.
     """
     from cls_ray.data.manifest import read_manifest
+    from cls_ray.train.trainer import ensure_ray
 
     space = load_search_space(cfg.tune.space, base=cfg)
     read_manifest(data_uri)  # a missing or unreadable dataset fails here, before Ray starts
     exp = experiment_uri(cfg)
     base = trial_base_config(cfg, exp)
-    _ensure_ray()
+    ensure_ray()
     tuner = build_tuner(data_uri, cfg, space, base)
-    write_resolved(cfg, exp, "tune_config.yaml")
+    _record_config(cfg, exp)
     grid = tuner.fit()
     board = build_leaderboard(grid, cfg)
     leaderboard_uri = write_leaderboard(board, exp)
