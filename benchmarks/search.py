@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (workdir / "dataset" / "manifest.json").exists():
         ingest(str(write_digits(workdir / "folders")), data_uri, load_config(None).ingest, summary=False)
     (workdir / "space.yaml").write_text(SPACE)
-    ray.init(num_cpus=args.num_cpus, object_store_memory=500 * 1024**2)
+    cluster = _start_ray(args.num_cpus)
     common = BASE + [
         f"model.image_size={args.image_size}",
         f"tune.space={workdir / 'space.yaml'}",
@@ -169,10 +169,36 @@ def main(argv: list[str] | None = None) -> int:
     full = run_exhaustive(data_uri, full_cfg, configs)
     full_wall = time.monotonic() - start
     ray.shutdown()
+    cluster.shutdown()
     report = _report(args, board, full, search, asha_wall, full_wall)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _start_ray(num_cpus: int) -> Any:
+    """A local Ray node with the dashboard, and RAY_ADDRESS in its workers' environment: Ray Train frees the workers
+    of trials ASHA stops through the dashboard's state API, which must find this cluster even when other Ray
+    instances run on the machine."""
+    import socket
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": num_cpus,
+            "object_store_memory": 500 * 1024**2,
+            "include_dashboard": True,
+            "dashboard_port": port,
+        },
+    )
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    return cluster
 
 
 def _read_leaderboard(exp: Path) -> list[dict[str, Any]]:

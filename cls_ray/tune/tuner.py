@@ -222,6 +222,22 @@ def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) ->
     return ray_tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
+def _check_state_api() -> None:
+    """Warn when the state API is unreachable: Ray Train's PlacementGroupCleaner needs it to free the workers of the
+    trials ASHA stops (see :func:`build_scheduler`)."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10)
+    except Exception as exc:  # the state API raises ConnectionError, RayStateApiException, ...
+        logger.warning(
+            "Ray's state API is unreachable (%s): trials that ASHA stops will keep their workers' resources reserved "
+            "until the search ends. Start Ray with the dashboard, and set RAY_ADDRESS on the cluster when several "
+            "Ray instances share a machine.",
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+
+
 def _record_config(cfg: Config, exp: str) -> None:
     """Write the config a search starts with; on resume keep it (Tune restores the original search settings)."""
     uri = storage.join(exp, CONFIG_FILE)
@@ -251,13 +267,16 @@ def tune(data_uri: str, cfg: Config) -> TuneResult:
     exp = experiment_uri(cfg)
     base = trial_base_config(cfg, exp)
     ensure_ray()
+    _check_state_api()
     tuner = build_tuner(data_uri, cfg, space, base)
     _record_config(cfg, exp)
     grid = tuner.fit()
     board = build_leaderboard(grid, cfg)
     leaderboard_uri = write_leaderboard(board, exp)
     print_leaderboard(board)
-    return promote_best(board, data_uri, base, exp, leaderboard_uri)
+    result = promote_best(board, data_uri, base, exp, leaderboard_uri)
+    print_tune_result(result)
+    return result
 
 
 def promote_best(board: Leaderboard, data_uri: str, base: Config, exp: str, leaderboard_uri: str) -> TuneResult:
@@ -295,6 +314,17 @@ def promote_best(board: Leaderboard, data_uri: str, base: Config, exp: str, lead
     )
     storage.write_json(storage.join(exp, SUMMARY_FILE), _summary(result))
     return result
+
+
+def print_tune_result(result: TuneResult) -> None:
+    """The search's outcome on the terminal: the winner, its package and where the leaderboard is."""
+    from rich.console import Console
+
+    test = result.test_metrics or {}
+    line = f"best trial [bold]{result.best_trial}[/bold]: {result.metric} {result.best_metric:.4f}"
+    if "top1" in test:
+        line += f", test top1 {test['top1']:.4f}"
+    Console().print(f"{line}\nmodel package: {result.best_package_uri}\nleaderboard: {result.leaderboard_uri}")
 
 
 def load_run_result(run_uri: str) -> Any:
