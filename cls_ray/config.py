@@ -194,6 +194,9 @@ class TrainConfig:
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker reserves besides CPU/GPU, e.g. ``{"trainer": 1}`` to keep workers on nodes
+    started with that custom resource."""
     amp: Literal["none", "bf16", "fp16"] = "none"
     """Mixed precision on GPU; ``fp16`` adds a GradScaler. Ignored on CPU."""
     eval_every: int = 1
@@ -224,6 +227,10 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", "must be at least 1")
         _check(self.num_workers >= 1, "train.num_workers", "must be at least 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
+        for name, amount in self.worker_resources.items():
+            _check(name not in ("CPU", "GPU") and isinstance(amount, (int, float)) and amount > 0,
+                   f"train.worker_resources.{name}",
+                   "must be a positive amount of a custom resource (CPU and GPU have their own keys)")
         _check(self.eval_every >= 1, "train.eval_every", "must be at least 1")
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
         _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")

@@ -162,9 +162,12 @@ def build_eval_dataset(data_uri: str, manifest: dict[str, Any], split: str, data
 
 
 def _decode(ds: ray.data.Dataset, fn: DecodeBatch, cfg: DataConfig) -> ray.data.Dataset:
+    import ray.data
+
     ds.context.enable_progress_bars = cfg.progress_bars  # this dataset's own context copy
     return ds.map_batches(fn, batch_format="numpy", batch_size=DECODE_BATCH_ROWS, num_cpus=cfg.decode_cpus,
-                          concurrency=cfg.decode_concurrency, udf_modifying_row_count=False)
+                          compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+                          udf_modifying_row_count=False)
 
 
 def iter_train_batches(shard: ray.data.DataIterator, cfg: DataConfig,

@@ -89,24 +89,32 @@ def _check_pretrained(cfg: Config) -> None:
             raise ConfigError(f"model.pretrained: no weights file at {pretrained}")
 
 
-def _check_placement(cfg: Config) -> None:
-    """Refuse a worker group the cluster cannot place, or one that leaves no CPU for the data pipeline."""
+def _worker_resources(cfg: Config) -> dict[str, float]:
     t = cfg.train
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
+    return {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {}), **t.worker_resources}
+
+
+def _check_placement(cfg: Config) -> None:
+    """Refuse a worker group the cluster cannot place, or one that leaves no node room for Ray Data's tasks."""
+    t = cfg.train
+    per_worker = _worker_resources(cfg)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    placeable = sum(min(int(res.get(k, 0) // v) for k, v in per_worker.items()) for res in nodes)
-    totals = ray.cluster_resources()
-    if placeable < t.num_workers:
+    slots = [min(int(res.get(k, 0) // v) for k, v in per_worker.items()) for res in nodes]
+    if sum(slots) < t.num_workers:
+        totals = ray.cluster_resources()
         have = ", ".join(f"{totals.get(k, 0):g} {k}" for k in per_worker)
         raise ConfigError(f"train.num_workers: {t.num_workers} workers of {per_worker} do not fit this Ray cluster "
-                          f"({have} over {len(nodes)} node(s); at most {placeable} fit). Lower train.num_workers or "
+                          f"({have} over {len(nodes)} node(s); at most {sum(slots)} fit). Lower train.num_workers or "
                           f"train.cpus_per_worker, or add nodes.")
-    spare = totals.get("CPU", 0) - t.num_workers * t.cpus_per_worker
-    if spare < cfg.data.decode_cpus:
-        raise ConfigError(f"train.cpus_per_worker: {t.num_workers} workers x {t.cpus_per_worker:g} CPU leave "
-                          f"{spare:g} of the cluster's {totals.get('CPU', 0):g} CPUs for Ray Data decoding, which "
-                          f"needs data.decode_cpus={cfg.data.decode_cpus:g}. Lower train.cpus_per_worker, "
-                          f"train.num_workers or data.decode_cpus.")
+    # Ray Data tasks (listing, reading, shuffling, re-blocking) reserve 1 CPU each and decode tasks
+    # data.decode_cpus: some node must keep that much free next to the workers, or the input pipeline waits forever.
+    need = max(1.0, cfg.data.decode_cpus)
+    spare = max(res.get("CPU", 0) - max(0, t.num_workers - (sum(slots) - own)) * t.cpus_per_worker
+                for res, own in zip(nodes, slots, strict=True))
+    if spare < need:
+        raise ConfigError(f"train.cpus_per_worker: {t.num_workers} workers x {t.cpus_per_worker:g} CPU leave at most "
+                          f"{spare:g} CPU free on any node, and Ray Data's input tasks need {need:g} CPU there "
+                          f"(Ray Data decoding). Lower train.cpus_per_worker or train.num_workers, or add a node.")
 
 
 def _updates_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
@@ -171,7 +179,7 @@ def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: st
                                                      checkpoint_score_attribute=t.metric,
                                                      checkpoint_score_order=t.metric_mode),
     )
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    resources = _worker_resources(cfg)
     return TorchTrainer(
         train_loop_per_worker, train_loop_config={"cfg": cfg, "spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
