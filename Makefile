@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := dataset-fashion-mnist chromium libopencv-dev libturbojpeg0-dev pkg-config
-PYTEST_ARGS ?=
+# GPU tests need a CUDA device; `make test-gpu` runs them on a machine that has one.
+PYTEST_ARGS ?= -m "not gpu"
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-gpu lint format bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu
 
 lint: setup
 	$(VENV)/bin/ruff check cls_ray tests benchmarks
