@@ -84,8 +84,21 @@ def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
-    cfg = load_config(str(REPO / path))
-    assert cfg.model.name
+    """Every YAML in configs/ loads: pipeline configs through the config loader, search spaces through theirs."""
+    from cls_ray.tune.space import load_search_space
+
+    text = yaml.safe_load((REPO / path).read_text())
+    if "families" in text or "params" in text:
+        assert load_search_space(str(REPO / path))
+    else:
+        assert load_config(str(REPO / path)).model.name
+
+
+def test_demo_config_names_its_search_space():
+    from cls_ray.pipeline import DEMO_CONFIG
+
+    cfg = load_config(str(DEMO_CONFIG))
+    assert "tune" in cfg.pipeline.stages and (REPO / cfg.tune.space).exists()
 
 
 def test_pipeline_without_source_is_refused_before_any_work(tmp_path):
