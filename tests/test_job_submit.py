@@ -118,7 +118,7 @@ def _stop_head(process: subprocess.Popen) -> None:
     _signal_alive(tree, signal.SIGKILL)
 
 
-def _wait_for_dashboard(head: Head, log: Path, timeout_s: float = 120.0) -> None:
+def _wait_for_dashboard(head: Head, log: Path, timeout_s: float = 300.0) -> None:
     headers = {"Authorization": f"Bearer {head.token_file.read_text()}"}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
