@@ -27,7 +27,7 @@ PIPELINE = {
     "data": {"batch_size": 32, "eval_batch_size": 128, "auto_augment": None, "re_prob": 0.0, "hflip": 0.0,
              "scale": [0.6, 1.0], "label_smoothing": 0.0},
     "optim": {"lr": 0.01, "warmup_epochs": 0},
-    "train": {"epochs": 2, "num_workers": 1, "max_failures": 0, "keep_checkpoints": 1},
+    "train": {"epochs": 3, "num_workers": 1, "max_failures": 0, "keep_checkpoints": 1},
     "tune": {"num_samples": 2, "max_epochs": 1, "grace_period": 1, "evaluate_test": False},
 }
 
@@ -70,7 +70,7 @@ def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
     meta = read_package_meta(str(workdir / "runs" / "final" / "package"))
     assert meta["architecture"] == "resnet10t" and meta["classes"] == manifest["classes"]
     final_cfg = load_config(str(workdir / "runs" / "final" / "config.yaml"))
-    assert final_cfg.train.epochs == 2  # the user's epochs, not the search's max_epochs
+    assert final_cfg.train.epochs == 3  # the user's epochs, not the search's max_epochs
     assert 3e-3 <= final_cfg.optim.lr <= 3e-2  # the search winner's learning rate
 
     metrics = json.loads((workdir / "evaluation" / "metrics.json").read_text())["metrics"]
