@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.barrier()
     elapsed = time.perf_counter() - start
     # CPU seconds of all ranks together (every thread of each process): robust to other load on the machine.
-    cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64)
+    cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64, device=dev)  # NCCL: on the GPU
     dist.all_reduce(cpu)
     if rank == 0:
         print(json.dumps({"baseline": "torchrun-ddp", "steps_per_s": args.steps / elapsed,
