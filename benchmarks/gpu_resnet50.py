@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", default="bf16", choices=["bf16", "none"])
     p.add_argument("--num-images", type=int, default=20000)
     p.add_argument("--side", type=int, default=256, help="side of the generated source JPEGs")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="validated once, in the final epoch")
     p.add_argument("--augment", default="basic", choices=["basic", "randaugment"],
                    help="basic: RandomResizedCrop + flip; randaugment: cls-ray's default train augmentation")
     p.add_argument("--shuffle", default="global,local", help="cls-ray data.shuffle modes to run, comma-separated")
@@ -125,7 +126,8 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str, shuffle: str) -> dict[s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    _, data_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir, val_fraction=0.02)
+    _, data_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir,
+                                        val_fraction=args.val_fraction)
     record: dict[str, Any] = {"benchmark": "gpu_resnet50", "args": {k: str(v) for k, v in vars(args).items()}}
     logger.info("synthetic upper bound")
     record["synthetic"] = run_synthetic(args)

@@ -66,16 +66,17 @@ def test_train_overhead_times_the_same_steps_in_both_runs(workdir):
 def test_gpu_resnet50_runs_end_to_end_on_cpu(workdir):
     import gpu_resnet50
 
-    n, batch, epochs = 120, 8, 1
+    n, batch, epochs = 200, 8, 1  # the dataset of the train_overhead test (cached)
     record = gpu_resnet50.main(["--device", "cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size",
                                 str(batch), "--amp", "none", "--num-images", str(n), "--side", "64", "--epochs",
-                                str(epochs), "--synthetic-steps", "4", "--shuffle", "local", "--cores", "2",
+                                str(epochs), "--val-fraction", "0.2", "--synthetic-steps", "2", "--shuffle", "local",
+                                "--cores", "2",
                                 "--workdir", str(workdir)])
     assert _positive(record["synthetic"]["images_per_s"])
     run = record["cls_ray"]["local"]
     from cls_ray.data.manifest import read_manifest
 
-    dataset = workdir / f"fmnist-{n}-64px-val0.02" / "dataset"
+    dataset = workdir / f"fmnist-{n}-64px-val0.2" / "dataset"
     train_rows = read_manifest(str(dataset))["splits"]["train"]["num_rows"]
     assert run["timed_images"] == epochs * (train_rows // batch) * batch
     assert _positive(run["ratio_vs_synthetic"])
