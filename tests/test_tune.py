@@ -69,15 +69,19 @@ def ray_cluster(s3_server):
     the S3 server so its workers inherit the AWS variables."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "object_store_memory": 400 * 1024**2,
-            "include_dashboard": True,
-            "dashboard_port": free_port(),
-        },
-    )
+    with pytest.MonkeyPatch.context() as env:
+        # Ray's memory monitor weighs the whole machine's memory: on a shared machine other jobs' memory would get
+        # this node's trial workers killed. Only this node's raylet sees the higher threshold.
+        env.setenv("RAY_memory_usage_threshold", "0.99")
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 2,
+                "object_store_memory": 400 * 1024**2,
+                "include_dashboard": True,
+                "dashboard_port": free_port(),
+            },
+        )
     context = ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     yield SimpleNamespace(address=cluster.address, dashboard_url=f"http://{context.dashboard_url}")
     ray.shutdown()
@@ -100,6 +104,7 @@ def _results(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+@pytest.mark.timeout(1800)  # hang guard: on a heavily shared 2-core machine this takes over 10 minutes
 def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dataset, tmp_path):
     from cls_ray.evaluate import evaluate
 
@@ -112,7 +117,7 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
             f"tune.space={space}",
             f"tune.storage_path={tmp_path}",
             "tune.experiment_name=search",
-            "tune.num_samples=5",
+            "tune.num_samples=4",
             "tune.max_epochs=3",
             "tune.grace_period=1",
             "tune.reduction_factor=2",
@@ -125,8 +130,8 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
     exp = tmp_path / "search"
 
     board = pq.read_table(exp / "leaderboard.parquet").to_pylist()
-    assert len(board) == 5
-    assert sorted(row["trial"].split("_")[1] for row in board) == ["0001", "0002", "0003", "0004", "0005"]
+    assert len(board) == 4
+    assert sorted(row["trial"].split("_")[1] for row in board) == ["0001", "0002", "0003", "0004"]
     assert all(row["trial"].endswith(row["model.name"]) for row in board)
     statuses = {row["status"] for row in board}
     assert ERRORED not in statuses, board
@@ -201,12 +206,13 @@ families:
     return space
 
 
+@pytest.mark.timeout(1800)
 def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, digits_dataset, tmp_path):
     space = _resume_space(tmp_path)
     overrides = FAST + [
         f"tune.storage_path={tmp_path}",
         "tune.experiment_name=resumable",
-        "tune.num_samples=4",
+        "tune.num_samples=3",
         "tune.max_epochs=3",
         "tune.grace_period=3",
         "tune.seed=3",
@@ -237,12 +243,12 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, di
         for name in finished
         if (exp / "runs" / name / "metrics.jsonl").exists()
     }
-    assert len(finished) < 4, "the driver was killed mid-experiment"
+    assert len(finished) < 3, "the driver was killed mid-experiment"
 
     result = tune(digits_dataset, load_config(None, overrides + [f"tune.space={space}"]))
 
     board = {row["trial"]: row for row in pq.read_table(exp / "leaderboard.parquet").to_pylist()}
-    assert sorted(n.split("_")[1] for n in board) == ["0001", "0002", "0003", "0004"]
+    assert sorted(n.split("_")[1] for n in board) == ["0001", "0002", "0003"]
     for name in finished:  # finished trials were not run again
         assert _results(exp / name) == before[name]
         if name in runs_before:
