@@ -40,7 +40,7 @@ FAST = ["model.name=resnet10t", "model.image_size=32", "model.crop_pct=1.0", "da
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
     # The S3 variables are set first (s3_server) so Ray's workers inherit them.
-    ray.init(num_cpus=4, object_store_memory=400 * 1024**2, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, object_store_memory=400 * 1024**2, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
