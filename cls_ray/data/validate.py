@@ -95,7 +95,10 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         ``{"sha256", "width", "height", "format", "encoding": "original"|"jpeg"|"png", "resized", "image"}``
         for a valid image, or ``{"reason", "detail"}`` for a refused one.
     """
-    Image.MAX_IMAGE_PIXELS = opts.max_pixels  # Pillow's own bomb guard follows ours, not its default
+    # Pillow's own bomb guard must not refuse what ingest.max_pixels allows; it is only ever raised, never lowered
+    # (this also runs in the caller's process, where other code relies on Pillow's default).
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < opts.max_pixels:
+        Image.MAX_IMAGE_PIXELS = opts.max_pixels
     limit = max_file_bytes(opts.max_pixels)
     try:
         data = _read(uri, limit)
