@@ -162,7 +162,12 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
     assert summary["best_trial"] == best["trial"] and summary["best_package"] == result.best_package_uri
     assert (exp / "leaderboard.csv").read_text().splitlines()[0].startswith('"rank","trial","status","val_top1"')
     # Every trial's Train run is on the dashboard's Train page, named after its trial.
-    with urllib.request.urlopen(f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1", timeout=30) as response:
+    # With token authentication on (Ray 2.60's default once a token exists), the dashboard wants this driver's token.
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    request = urllib.request.Request(f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1",
+                                     headers=get_auth_headers_if_auth_enabled({}))
+    with urllib.request.urlopen(request, timeout=30) as response:
         runs = json.loads(response.read())["train_runs"]
     assert {row["trial"] for row in board} <= {run["name"] for run in runs}
 
