@@ -7,6 +7,7 @@ Each stage reads its own section. A key the dataclass does not have, or a value 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -532,3 +533,24 @@ def write_resolved(cfg: Any, dir_uri: str, name: str = "config.yaml") -> str:
     uri = storage.join(dir_uri, name)
     storage.write_bytes(uri, dump_yaml(cfg).encode())
     return uri
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose local paths are absolute (see :func:`cls_ray.storage.absolute`): ``source``,
+    ``workdir``, the train and tune storage paths, the search space, and ``model.pretrained`` when it names an
+    existing local file (otherwise it is a hub name or a remote URI)."""
+    import os
+
+    from cls_ray import storage
+
+    cfg = copy.deepcopy(cfg)
+    if cfg.source:
+        cfg.source = storage.absolute(cfg.source)
+    cfg.workdir = storage.absolute(cfg.workdir)
+    cfg.train.storage_path = storage.absolute(cfg.train.storage_path)
+    cfg.tune.storage_path = storage.absolute(cfg.tune.storage_path)
+    if os.path.exists(cfg.tune.space):
+        cfg.tune.space = storage.absolute(cfg.tune.space)
+    if cfg.model.pretrained and not storage.is_remote(cfg.model.pretrained) and os.path.exists(cfg.model.pretrained):
+        cfg.model.pretrained = storage.absolute(cfg.model.pretrained)
+    return cfg

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from cls_ray import storage
-from cls_ray.config import Config, ConfigError, load_config, write_resolved
+from cls_ray.config import Config, ConfigError, load_config, with_absolute_paths, write_resolved
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def _final_config(cfg: Config, search: Any) -> Config:
 
 def run_pipeline(cfg: Config) -> PipelineResult:
     """Run the stages of ``cfg.pipeline.stages`` in chain order."""
+    cfg = with_absolute_paths(cfg)  # Ray Tune trials and Serve replicas do not run in this directory
     stages = cfg.pipeline.stages
     if "ingest" in stages and not cfg.source:
         raise ConfigError("source: the pipeline's ingest stage needs `source` (class folders, local or s3://)")

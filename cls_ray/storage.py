@@ -27,6 +27,18 @@ def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a relative local path made absolute against this process's working directory.
+
+    Call it where a URI leaves the driver: Ray Tune runs each trial in its own directory and a job's workers may
+    start elsewhere, so a relative path would name a different place there. Remote and ``file://`` URIs are
+    returned unchanged.
+    """
+    if is_remote(uri) or uri.startswith("file://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI, keeping its scheme."""
     if is_remote(uri) or uri.startswith("file://"):

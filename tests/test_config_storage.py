@@ -134,3 +134,21 @@ def test_list_missing_dir_and_error_hints(tmp_path):
     assert "check the AWS credentials" in storage.describe_error("s3://b/k", OSError("AWS Error ACCESS_DENIED"))
     assert "the bucket does not exist" in storage.describe_error("s3://b/k", OSError("NoSuchBucket"))
     assert storage.describe_error("/local/x", OSError("boom")) == "/local/x: boom"
+
+
+def test_relative_paths_become_absolute_and_uris_do_not(tmp_path, monkeypatch):
+    from cls_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.yaml").write_text("version: 1\n")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    cfg = load_config(None, ["source=data/folders", "workdir=work", "train.storage_path=s3://b/runs",
+                             "tune.space=space.yaml", "model.pretrained=w.safetensors"])
+    out = with_absolute_paths(cfg)
+    assert out.source == str(tmp_path / "data" / "folders") and out.workdir == str(tmp_path / "work")
+    assert out.train.storage_path == "s3://b/runs" and out.tune.storage_path == str(tmp_path / "runs")
+    assert out.tune.space == str(tmp_path / "space.yaml") and out.model.pretrained == str(tmp_path / "w.safetensors")
+    assert cfg.workdir == "work"  # the caller's config is left as it was
+    hub = with_absolute_paths(load_config(None, ["model.pretrained=resnet18.a1_in1k"]))
+    assert hub.model.pretrained == "resnet18.a1_in1k"  # a hub name, not a file here
+    assert storage.absolute("file:///x/y") == "file:///x/y" and storage.absolute("~/a") == os.path.expanduser("~/a")

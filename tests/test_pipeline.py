@@ -49,8 +49,9 @@ def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
     space.write_text(SPACE)
     workdir = tmp_path / "work"
     port = free_port()
-    config = {**PIPELINE, "source": str(source), "workdir": str(workdir),
-              "tune": {**PIPELINE["tune"], "space": str(space)}, "serve": {"port": port, "max_replicas": 1}}
+    # Relative paths, as a user types them: trials and replicas run in other directories than the command.
+    config = {**PIPELINE, "source": str(source.relative_to(tmp_path)), "workdir": "work",
+              "tune": {**PIPELINE["tune"], "space": space.name}, "serve": {"port": port, "max_replicas": 1}}
     config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump(config))
 

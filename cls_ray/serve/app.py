@@ -134,6 +134,7 @@ def serve_config_dict(model_uri: str, cfg: ServeConfig) -> dict[str, Any]:
 
 def write_serve_config(model_uri: str, cfg: ServeConfig, path: str) -> str:
     """Write the Serve config YAML for ``serve deploy FILE`` (local path or s3://); returns ``path``."""
+    model_uri = storage.absolute(model_uri)
     read_package_meta(model_uri)  # a wrong URI is reported now, not when the cluster tries to load it
     text = "# Serve config of a cls-ray model package: `serve deploy` this file, or paste it as a KubeRay\n" \
            "# RayService's serveConfigV2. Deployment settings here override the builder's defaults.\n"
@@ -186,6 +187,7 @@ def start_serving(model_uri: str, cfg: ServeConfig, *, detach: bool = False) -> 
     In a process that already called ``ray.init`` (the demo, tests), the application runs in that cluster until
     :func:`stop_serving`. ``detach=True`` connects to a running cluster, so the application outlives this process.
     """
+    model_uri = storage.absolute(model_uri)  # replicas load it from their own working directory
     read_package_meta(model_uri)
     _ensure_ray(detach)
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})

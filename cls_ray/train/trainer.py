@@ -18,7 +18,7 @@ import timm
 from ray.train.torch import TorchTrainer
 
 from cls_ray import storage
-from cls_ray.config import Config, ConfigError, to_dict, write_resolved
+from cls_ray.config import Config, ConfigError, to_dict, with_absolute_paths, write_resolved
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import build_eval_dataset, build_train_dataset
 from cls_ray.export import save_model_package
@@ -245,6 +245,7 @@ def _check_resume_compatible(run_uri: str, cfg: Config) -> None:
 
 def train(data_uri: str, cfg: Config) -> TrainResult:
     """Train (or resume) the run ``{train.storage_path}/{train.run_name}`` and package its best checkpoint."""
+    data_uri, cfg = storage.absolute(data_uri), with_absolute_paths(cfg)  # the workers' directory is not ours
     run_uri = storage.join(cfg.train.storage_path, cfg.train.run_name)
     _check_resume_compatible(run_uri, cfg)
     trainer = build_trainer(data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name)

@@ -29,7 +29,7 @@ import ray
 from ray import tune as ray_tune
 
 from cls_ray import storage
-from cls_ray.config import Config, dump_yaml, write_resolved
+from cls_ray.config import Config, dump_yaml, with_absolute_paths, write_resolved
 from cls_ray.tune.leaderboard import Leaderboard, build_leaderboard, print_leaderboard, write_leaderboard
 from cls_ray.tune.space import ARCH_PARAM, SearchSpace, load_search_space, trial_config
 
@@ -262,6 +262,8 @@ def tune(data_uri: str, cfg: Config) -> TuneResult:
     from cls_ray.data.manifest import read_manifest
     from cls_ray.train.trainer import ensure_ray
 
+    # Each trial runs in its own directory: relative paths would name different places there.
+    data_uri, cfg = storage.absolute(data_uri), with_absolute_paths(cfg)
     space = load_search_space(cfg.tune.space, base=cfg)
     read_manifest(data_uri)  # a missing or unreadable dataset fails here, before Ray starts
     exp = experiment_uri(cfg)
