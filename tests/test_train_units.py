@@ -250,3 +250,28 @@ def test_config_checks_name_the_key():
         load_config(None, ["data.mixup=0.2", "data.batch_size=7"])
     with pytest.raises(ConfigError, match="model.crop_pct"):
         load_config(None, ["model.crop_pct=1.5"])
+
+
+@pytest.mark.parametrize("mode,scores,expected", [("max", [0.8, 0.9, 0.9], 3), ("min", [0.3, 0.2, 0.2], 3),
+                                                 ("max", [0.9, 0.8, 0.7], 1)])
+def test_best_epoch_and_packaged_checkpoint_agree_on_ties(tmp_path, mode, scores, expected):
+    """The leaderboard's best epoch and the checkpoint a run packages are the same one, ties included: the latest
+    of equally scored epochs, the one Ray's checkpoint manager keeps."""
+    import pandas as pd
+    import ray.train
+    import ray.tune
+
+    from cls_ray.train.trainer import _best_checkpoint
+    from cls_ray.tune.leaderboard import trial_row
+
+    metric = "val_top1" if mode == "max" else "val_loss"
+    rows = [{"epoch": e, metric: s, "time_this_iter_s": 1.0, "done": e == 3} for e, s in enumerate(scores, 1)]
+    row = trial_row(ray.tune.Result(metrics=rows[-1], checkpoint=None, error=None, path=str(tmp_path / "trial_0001"),
+                                    metrics_dataframe=pd.DataFrame(rows)), metric, mode, max_epochs=3)
+    assert row.best_epoch == expected and row.best_metric == pytest.approx(scores[expected - 1])
+
+    checkpoints = [(ray.train.Checkpoint(str(tmp_path / f"epoch-{r['epoch']}")), r) for r in rows]
+    result = ray.train.Result(metrics=rows[-1], checkpoint=checkpoints[-1][0], error=None, path=str(tmp_path),
+                              best_checkpoints=checkpoints)
+    cfg = load_config(None, [f"train.metric={metric}", f"train.metric_mode={mode}"])
+    assert _best_checkpoint(result, cfg).path.endswith(f"epoch-{expected}")

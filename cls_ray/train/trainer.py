@@ -223,8 +223,9 @@ def export_package(result: ray.train.Result, data_uri: str, cfg: Config, package
 def _best_checkpoint(result: ray.train.Result, cfg: Config) -> ray.train.Checkpoint:
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if cfg.train.metric in m]
     if scored:
-        pick = max if cfg.train.metric_mode == "max" else min
-        return pick(scored, key=lambda cm: cm[1][cfg.train.metric])[0]
+        # The best score; among equal scores the latest epoch (the leaderboard's best_epoch follows the same rule).
+        sign = 1.0 if cfg.train.metric_mode == "max" else -1.0
+        return max(scored, key=lambda cm: (sign * cm[1][cfg.train.metric], cm[1].get("epoch", 0)))[0]
     if result.checkpoint is None:
         raise ValueError(f"run {result.path} holds no checkpoint to package (did it finish an evaluation epoch?)")
     return result.checkpoint

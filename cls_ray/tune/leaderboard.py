@@ -130,8 +130,11 @@ def trial_row(result: Any, metric: str, mode: str, max_epochs: int) -> TrialRow:
         wall = float(df["time_this_iter_s"].sum()) if "time_this_iter_s" in df else 0.0
         last_done = bool(df["done"].iloc[-1]) if "done" in df else False
         if metric in df and df[metric].notna().any():
-            idx = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
-            best_metric, best_epoch = float(df.loc[idx, metric]), int(df.loc[idx, "epoch"])
+            # Ties go to the latest epoch, as in Ray's checkpoint manager (which keeps, and so packages, the newer
+            # of two equally scored checkpoints): the row then names the epoch whose weights were promoted.
+            best = df[metric].max() if mode == "max" else df[metric].min()
+            idx = df.index[df[metric] == best][-1]
+            best_metric, best_epoch = float(best), int(df.loc[idx, "epoch"])
     return TrialRow(
         trial=name,
         status=_status(result.error, epochs, last_done, max_epochs),
