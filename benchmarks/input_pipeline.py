@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default="bare,imagefolder,cls_ray", help="comma-separated subset to run")
     p.add_argument("--shuffle", default="global", choices=["global", "local"], help="cls-ray's data.shuffle")
     p.add_argument("--workdir", type=Path, default=_data.DEFAULT_WORKDIR)
-    p.add_argument("--object-store-mb", type=int, default=1000)
+    p.add_argument("--object-store-mb", type=int, default=None,
+                   help="Ray's object store in MB (default: Ray's own, 30%% of memory, as `cls-ray train` gets); "
+                        "decoded 224 px blocks need room: 1000 MB throttles the decode stage")
     return p.parse_args(argv)
 
 
@@ -143,7 +145,8 @@ def run_cls_ray(dataset_uri: str, args: argparse.Namespace) -> dict[str, float]:
     # Ray starts its workers at nice 15; at 0 they compete on equal terms with the baselines' processes should
     # anything else run on the machine (no effect on an idle one).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", num_cpus=args.cores, object_store_memory=args.object_store_mb * 2**20,
+    store = args.object_store_mb * 2**20 if args.object_store_mb else None
+    ray.init(address="local", num_cpus=args.cores, object_store_memory=store,
              include_dashboard=False, log_to_driver=False)
     try:
         ds = build_train_dataset(dataset_uri, read_manifest(dataset_uri), data_config(args.image_size), cfg)
