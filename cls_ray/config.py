@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
+
+from cls_ray import storage
 
 
 class ConfigError(ValueError):
@@ -493,8 +496,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     source = "defaults"
     if path:
-        from cls_ray import storage
-
         try:
             text = storage.read_bytes(path).decode()
         except storage.StorageError as exc:
@@ -528,8 +529,6 @@ def dump_yaml(cfg: Any) -> str:
 
 def write_resolved(cfg: Any, dir_uri: str, name: str = "config.yaml") -> str:
     """Write the resolved config next to an output it produced; returns the file's URI."""
-    from cls_ray import storage
-
     uri = storage.join(dir_uri, name)
     storage.write_bytes(uri, dump_yaml(cfg).encode())
     return uri
@@ -539,10 +538,6 @@ def with_absolute_paths(cfg: Config) -> Config:
     """A copy of ``cfg`` whose local paths are absolute (see :func:`cls_ray.storage.absolute`): ``source``,
     ``workdir``, the train and tune storage paths, the search space, and ``model.pretrained`` when it names an
     existing local file (otherwise it is a hub name or a remote URI)."""
-    import os
-
-    from cls_ray import storage
-
     cfg = copy.deepcopy(cfg)
     if cfg.source:
         cfg.source = storage.absolute(cfg.source)
