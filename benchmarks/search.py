@@ -12,6 +12,7 @@ Reported: best validation top-1 (best epoch of any trial), trial-epochs spent, w
 1 point of the exhaustive best at <= 30% of its trial-epochs.
 
     .venv/bin/python benchmarks/search.py [--samples 8 --max-epochs 12 --grace 1 --rf 4 --image-size 16]
+    .venv/bin/python benchmarks/search.py --samples 32 --num-cpus 16 --concurrency 8   # a 16-core node
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def run_exhaustive(data_uri: str, cfg: Any, configs: list[dict[str, Any]]) -> li
         make_trainable(data_uri, base, _exhaustive_trial),
         param_space={"values": ray_tune.grid_search(values)},
         tune_config=ray_tune.TuneConfig(
-            max_concurrent_trials=1, trial_name_creator=_exhaustive_name, trial_dirname_creator=_exhaustive_name
+            max_concurrent_trials=cfg.tune.max_concurrent_trials, trial_name_creator=_exhaustive_name, trial_dirname_creator=_exhaustive_name
         ),
         run_config=ray_tune.RunConfig(name=cfg.tune.experiment_name, storage_path=root, storage_filesystem=fs),
     )
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="trials at a time in both arms (each needs 2 CPUs: a 1-CPU worker + 1 decode CPU)")
     parser.add_argument("--workdir", default=None, help="keep everything here (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tune.max_epochs={args.max_epochs}",
         f"tune.seed={args.seed}",
         "tune.evaluate_test=false",
-        "tune.max_concurrent_trials=1",
+        f"tune.max_concurrent_trials={args.concurrency}",
     ]
 
     start = time.monotonic()

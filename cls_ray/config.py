@@ -132,6 +132,10 @@ class DataConfig:
     ``local``: shuffle the block order plus a per-worker buffer of ``local_shuffle_buffer`` decoded rows (for splits
     much larger than the cluster's object store)."""
     local_shuffle_buffer: int = 4096
+    cache: Literal["auto", "always", "never"] = "auto"
+    """Keep the encoded ``image``/``label`` rows of the train and val splits in Ray's object store after the first
+    read, so later epochs skip listing and reading the shards (Ray Data otherwise re-reads them every epoch).
+    ``auto``: cache a split when its shards take at most a fifth of the cluster's object store."""
     decode_concurrency: int | None = None
     """Ray Data CPU tasks decoding in parallel; None lets Ray Data decide."""
     decode_cpus: float = 1.0
@@ -205,6 +209,9 @@ class TrainConfig:
     """Mixed precision on GPU; ``fp16`` adds a GradScaler. Ignored on CPU."""
     eval_every: int = 1
     """Evaluate on the validation split every N epochs (and after the last)."""
+    dist_bn: Literal["reduce", "broadcast"] = "reduce"
+    """Before each evaluation, make the ranks' BatchNorm running statistics equal (timm's ``--dist-bn``): average
+    them (``reduce``) or copy rank 0's (``broadcast``). Every rank then validates the model rank 0 checkpoints."""
     metric: str = "val_top1"
     """Metric that selects the best checkpoint and drives early stopping."""
     metric_mode: Literal["max", "min"] = "max"

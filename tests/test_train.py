@@ -188,3 +188,38 @@ def test_bad_configuration_is_refused_before_any_worker_starts(ray_cluster, digi
     refused(ConfigError, "train.metric", digits_dataset, "train.metric=val_accuracy")
     refused(ConfigError, "data.batch_size: 4096", digits_dataset, "data.batch_size=4096")
     assert cli_main(["train", "--data", digits_dataset, "--set", "model.name=resnet_nope"]) == 2
+
+
+def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster, digits_dataset, tmp_path):
+    from collections import Counter
+    from dataclasses import replace
+
+    from cls_ray.data.pipeline import build_train_dataset
+    from cls_ray.models import data_config_for
+
+    copy = tmp_path / "digits"
+    shutil.copytree(digits_dataset, copy)
+    manifest = read_manifest(str(copy))
+    cfg = load_config(None, FAST)
+    expected = Counter(dict(enumerate(manifest["splits"]["train"]["class_counts"])))
+
+    def epoch(ds) -> list[int]:
+        labels, shapes = [], set()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            labels += batch["label"].tolist()
+            shapes.add(batch["image"].shape[1:])
+            assert batch["image"].dtype.name == "uint8"
+        assert shapes == {(3, 32, 32)}
+        return labels
+
+    streamed = build_train_dataset(str(copy), manifest, data_config_for(cfg.model), replace(cfg.data, cache="never"),
+                                   seed=3)
+    assert Counter(epoch(streamed)) == expected
+    cached = build_train_dataset(str(copy), manifest, data_config_for(cfg.model), replace(cfg.data, cache="always"),
+                                 seed=3)
+    shutil.rmtree(copy / "train")  # the cached split no longer needs its shards
+    first, second = epoch(cached), epoch(cached)
+    assert Counter(first) == Counter(second) == expected  # every row once per epoch
+    assert first != second  # a fresh shuffle each epoch
+    with pytest.raises(Exception, match="train"):
+        epoch(streamed)  # the streamed split reads its (now missing) shards every epoch

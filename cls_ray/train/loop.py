@@ -24,7 +24,7 @@ from cls_ray import storage
 from cls_ray.config import Config
 from cls_ray.data.pipeline import iter_eval_batches, iter_train_batches
 from cls_ray.train.state import Progress, capture_rng_state, load_train_state, save_train_state
-from cls_ray.train.step import RunSpec, Worker, build_worker, train_one_epoch, validate
+from cls_ray.train.step import RunSpec, Worker, build_worker, distribute_bn_stats, train_one_epoch, validate
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         details: dict[str, Any] = {}
         stop = False
         if evaluate:
+            distribute_bn_stats(w, cfg.train.dist_bn)
             progress.last_eval, details = validate(w, iter_eval_batches(val_shard, cfg.data, device))
             patience = cfg.train.early_stopping_patience
             stop = not _improved(progress, cfg) and patience is not None and progress.evals_since_best >= patience

@@ -179,6 +179,22 @@ def train_one_epoch(w: Worker, batches: Iterable, progress: Progress) -> dict[st
     }
 
 
+def distribute_bn_stats(w: Worker, mode: str) -> None:
+    """Equalise BatchNorm running statistics over the ranks (model and EMA) with timm's ``distribute_bn``.
+
+    DDP keeps each rank's running statistics from its own batches; unequalised, ranks would validate slightly
+    different models and the metrics would not be those of the checkpoint rank 0 writes.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    from timm.utils import distribute_bn
+
+    world = dist.get_world_size()
+    distribute_bn(w.objs.model, world, reduce=mode == "reduce")
+    if w.objs.ema is not None:
+        distribute_bn(w.objs.ema.module, world, reduce=mode == "reduce")
+
+
 @torch.no_grad()
 def validate(w: Worker, batches: Iterable) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate (the EMA weights when EMA is on) on this rank's validation shard; metrics are synced over ranks."""
