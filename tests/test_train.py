@@ -194,8 +194,11 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
     from collections import Counter
     from dataclasses import replace
 
-    from cls_ray.data.pipeline import build_train_dataset
+    from cls_ray.data.pipeline import build_train_dataset, decode_block_rows
     from cls_ray.models import data_config_for
+
+    # ~4 blocks per cluster CPU (4 here), within [64, 1024] rows: small splits still feed every CPU.
+    assert (decode_block_rows(700), decode_block_rows(8000), decode_block_rows(10**6)) == (64, 500, 1024)
 
     copy = tmp_path / "digits"
     shutil.copytree(digits_dataset, copy)
