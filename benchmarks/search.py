@@ -95,7 +95,9 @@ def run_exhaustive(data_uri: str, cfg: Any, configs: list[dict[str, Any]]) -> li
         make_trainable(data_uri, base, _exhaustive_trial),
         param_space={"values": ray_tune.grid_search(values)},
         tune_config=ray_tune.TuneConfig(
-            max_concurrent_trials=cfg.tune.max_concurrent_trials, trial_name_creator=_exhaustive_name, trial_dirname_creator=_exhaustive_name
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            trial_name_creator=_exhaustive_name,
+            trial_dirname_creator=_exhaustive_name,
         ),
         run_config=ray_tune.RunConfig(name=cfg.tune.experiment_name, storage_path=root, storage_filesystem=fs),
     )

@@ -137,9 +137,9 @@ def read_split(data_uri: str, manifest: dict[str, Any], split: str, *, cache: st
     """The ``image`` and ``label`` columns of one split's Parquet shards: lazy, or cached in Ray's object store.
 
     Args:
-        cache: ``never`` reads the shards lazily (and again every time the dataset runs); ``always`` reads them once, now,
-            into the object store (:meth:`ray.data.Dataset.materialize`); ``auto`` does that when the shards take at
-            most :data:`CACHE_FRACTION` of the cluster's object store.
+        cache: ``never`` reads the shards lazily (and again every time the dataset runs); ``always`` reads them
+            once, now, into the object store (:meth:`ray.data.Dataset.materialize`); ``auto`` does that when the
+            shards take at most :data:`CACHE_FRACTION` of the cluster's object store.
         block_rows: Re-block to about this many rows per block (before caching, so a cached split is re-blocked once).
     """
     import ray.data
