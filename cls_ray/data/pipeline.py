@@ -43,6 +43,8 @@ MIN_BLOCK_ROWS = 64
 BLOCKS_PER_CPU = 4
 """Small splits are cut into about this many blocks per cluster CPU (at least :data:`MIN_BLOCK_ROWS` rows each), so
 an epoch's decode tasks keep every CPU busy and finish together instead of leaving a long tail of a few big ones."""
+CACHE_FRACTION = 0.2
+"""``data.cache=auto`` caches a split whose shards take at most this fraction of the cluster's object store."""
 _PLAIN_MODES = ("L", "RGB")
 _SLOW_PATH_KEYS = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif", "transparency")
 
@@ -159,10 +161,6 @@ def read_split(data_uri: str, manifest: dict[str, Any], split: str, *, cache: st
         ds.context.enable_progress_bars = False
         ds = ds.materialize()
     return ds
-
-
-CACHE_FRACTION = 0.2
-"""``data.cache=auto`` caches a split whose shards take at most this fraction of the cluster's object store."""
 
 
 def _fits_object_store(filesystem: Any, paths: list[str], what: str) -> bool:
