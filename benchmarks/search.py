@@ -1,7 +1,8 @@
 """Search efficiency: ASHA + TPE (``cls-ray tune``) against the same configurations trained to completion.
 
 Task: scikit-learn digits (1797 real 8x8 handwritten digits, as class folders of PNGs, ingested by cls-ray) at a
-small input size. Search space: two tiny CNNs x a wide learning-rate range (a bad learning rate is what early stopping
+small input size, or (``--task fashion-mnist``) a per-class subset of the real Fashion-MNIST training set at 28 px.
+Search space: two tiny CNNs x a wide learning-rate range (a bad learning rate is what early stopping
 should cut short). Arm 1 runs the real search: seeded Optuna TPE proposes ``--samples`` configurations, ASHA stops
 the weak ones early (grace ``--grace`` epochs, reduction factor ``--rf``). Arm 2, the exhaustive baseline, trains
 exactly the configurations arm 1 tried, each to ``--max-epochs``, with no early stopping. Every trial in both arms
@@ -13,6 +14,7 @@ Reported: best validation top-1 (best epoch of any trial), trial-epochs spent, w
 
     .venv/bin/python benchmarks/search.py [--samples 8 --max-epochs 12 --grace 1 --rf 4 --image-size 16]
     .venv/bin/python benchmarks/search.py --samples 32 --num-cpus 16 --concurrency 8   # a 16-core node
+    .venv/bin/python benchmarks/search.py --task fashion-mnist --samples 20   # 3,000 Fashion-MNIST images, 28 px
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ def write_digits(root: Path, size: int = 32) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         arr = (img / 16.0 * 255).astype(np.uint8)
         Image.fromarray(arr, mode="L").resize((size, size), Image.BICUBIC).save(out / f"{i:05d}.png")
+    return root
+
+
+def write_fashion_mnist_subset(root: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of each class of the real Fashion-MNIST training set (Debian's
+    ``dataset-fashion-mnist``) as class folders of 28 px PNGs: a task where configurations do not all saturate."""
+    import numpy as np
+    from PIL import Image
+
+    from cls_ray.data.fashion_mnist import CLASSES, DEFAULT_SOURCE, load_split
+
+    images, labels = load_split(DEFAULT_SOURCE, "train")
+    for label, name in enumerate(CLASSES):
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(labels == label)[:per_class]:
+            Image.fromarray(images[i], mode="L").save(out / f"{int(i):05d}.png")
     return root
 
 
@@ -126,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=12)
     parser.add_argument("--grace", type=int, default=1)
     parser.add_argument("--rf", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--task", choices=("digits", "fashion-mnist"), default="digits",
+                        help="digits: all 1,797 images (saturates near 99%%); fashion-mnist: --per-class images per "
+                        "class of the real training set at 28 px (harder: configurations separate)")
+    parser.add_argument("--per-class", type=int, default=300, help="fashion-mnist: images per class")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 16 (digits), 28 (fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1,
@@ -144,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cls-ray-search-bench-"))
     data_uri = str(workdir / "dataset")
+    if args.image_size is None:
+        args.image_size = 16 if args.task == "digits" else 28
     if not (workdir / "dataset" / "manifest.json").exists():
-        ingest(str(write_digits(workdir / "folders")), data_uri, load_config(None).ingest, summary=False)
+        if args.task == "digits":
+            folders = write_digits(workdir / "folders")
+        else:
+            folders = write_fashion_mnist_subset(workdir / "folders", args.per_class)
+        ingest(str(folders), data_uri, load_config(None).ingest, summary=False)
     (workdir / "space.yaml").write_text(SPACE)
     cluster = _start_ray(args.num_cpus)
     common = BASE + [
@@ -227,7 +256,7 @@ def _report(args: Any, board: list[dict], full: list[dict], search: Any, asha_wa
     full_best = max(r["best"] for r in full if r["best"] == r["best"])  # NaN: an errored run
     picked = next(r for r in full if _same(r["config"], search.best_config))
     table = Table(
-        title=f"Search efficiency on digits ({args.samples} configurations, up to {args.max_epochs} epochs, "
+        title=f"Search efficiency on {args.task} ({args.samples} configurations, up to {args.max_epochs} epochs, "
         f"{args.image_size} px; ASHA grace {args.grace}, reduction factor {args.rf})"
     )
     for col in ("arm", "trial-epochs", "vs exhaustive", "best val top-1", "wall (s)", "stopped early"):

@@ -272,6 +272,9 @@ class TuneConfig:
     """Re-evaluate the promoted model on the test split."""
     startup_trials: int | None = None
     """Random trials before TPE models the results; None: a third of num_samples, at least 2, at most 10."""
+    each_architecture_first: bool = True
+    """The first trials take each of the space's architectures once, in the space's order (their other values
+    sampled), so a small search cannot leave an architecture untried; only when num_samples covers them all."""
     resume: bool = True
     """Continue an existing experiment of the same name (finished trials are kept, unfinished ones resume from
     their last checkpoint); false refuses to touch an existing experiment."""

@@ -156,8 +156,8 @@ def run_demo(workdir: str = "demo_output", overrides: list[str] | None = None, k
     keep_serving = keep_serving or os.environ.get("KEEP_SERVING", "") not in ("", "0")
     folders = storage.join(workdir, "fashion-mnist")
     write_fashion_mnist(folders)
-    # The demo's search space ships next to its config; name it absolutely so `cls-ray demo` works from any directory.
-    base = [f"source={folders}", f"workdir={workdir}", f"tune.space={DEMO_CONFIG.parent / 'demo-space.yaml'}"]
+    # tune.space `quick` names the shipped search_spaces/quick.yaml from any working directory.
+    base = [f"source={folders}", f"workdir={workdir}"]
     cfg = load_config(str(DEMO_CONFIG), base + list(overrides or []))
     if "serve" not in cfg.pipeline.stages:
         cfg.pipeline.stages.append("serve")

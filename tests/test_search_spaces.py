@@ -95,6 +95,18 @@ def test_family_params_replace_shared_ones():
             assert f"optim.lr{CONDITIONAL_SEP}mobilenet" not in params
 
 
+def test_defaults_fill_only_what_the_base_config_leaves_unset():
+    # quick.yaml: 32 px unless the base config names a size (the demo's 28 px); batch size always from the base.
+    unset = load_search_space("quick", base=Config())
+    sized = load_search_space("quick", base=load_config(None, ["model.image_size=28", "data.batch_size=128"]))
+    for space, base, size in ((unset, Config(), 32), (sized, load_config(None, ["model.image_size=28"]), 28)):
+        for values, _ in _sample(space, 6):
+            cfg = trial_config(base, values, "sample")
+            assert cfg.model.image_size == size
+            assert cfg.data.batch_size == base.data.batch_size
+    assert "model.image_size" not in config_values(_sample(sized, 1)[0][0])
+
+
 def test_space_resolves_by_name_and_applies_to_a_base_config():
     assert resolve_space_uri("quick") == str(SPACES_DIR / "quick.yaml")
     base = load_config(None, ["train.num_workers=1", "data.eval_batch_size=64"])
@@ -162,6 +174,18 @@ BAD_SPACES = [
     ("unknown version", "version: 2\n" + GOOD.replace("version: 1\n", ""), ["version", "not supported"]),
     ("architecture in two families", GOOD + "  other:\n    architectures: [resnet10t]\n", ["already in family"]),
     ("not YAML", "families: [unclosed", ["not valid YAML"]),
+    (
+        "default for a key that is never null",
+        "defaults: {data.batch_size: 32}\n" + GOOD,
+        ["defaults.data.batch_size", "null unless set", "fixed"],
+    ),
+    (
+        "default the space also sets",
+        "defaults: {model.image_size: 32}\nfixed: {model.image_size: 48}\n" + GOOD,
+        ["defaults.model.image_size", "`fixed`"],
+    ),
+    ("typo in a default", "defaults: {model.image_sise: 32}\n" + GOOD, ["defaults.model.image_sise", "unknown key"]),
+    ("default the Config refuses", "defaults: {model.image_size: 4}\n" + GOOD, ["model.image_size", "at least 8"]),
 ]
 
 
@@ -185,3 +209,25 @@ def test_good_space_loads(tmp_path: Path):
     space = load_search_space(_write(tmp_path, GOOD))
     assert space.architectures == ["resnet10t"]
     assert space.params["optim.lr"].kind == "loguniform"
+
+
+def test_each_architecture_is_tried_first_when_the_budget_covers_them():
+    from cls_ray.tune.tuner import build_searcher, first_points
+
+    space = load_search_space("quick")
+    cfg = load_config(None, ["tune.num_samples=3"])
+    assert first_points(space, cfg) == [{"model.name": "resnet10t"}, {"model.name": "mobilenetv3_small_050"}]
+    assert first_points(space, load_config(None, ["tune.num_samples=1"])) is None
+    assert first_points(space, load_config(None, ["tune.num_samples=3", "tune.each_architecture_first=false"])) is None
+    # Through Ray Tune's OptunaSearch, as `cls-ray tune` builds it: the enqueued architectures come first, with
+    # their other values sampled inside the space's ranges; then TPE goes on.
+    searcher = build_searcher(space, cfg)
+    searcher.set_search_properties(cfg.train.metric, cfg.train.metric_mode, {})
+    archs = []
+    for i in range(3):
+        values = searcher.suggest(f"t{i}")
+        archs.append(values["model.name"])
+        assert 1.0e-3 <= values["optim.lr"] <= 3.0e-2
+        searcher.on_trial_complete(f"t{i}", {cfg.train.metric: 0.5 + i / 10})
+    assert archs[:2] == ["resnet10t", "mobilenetv3_small_050"]
+

@@ -3,6 +3,8 @@
 A space (format ``version: 1``) names Config keys (``optim.lr``, ``data.mixup``, ...) and how to vary them::
 
     version: 1
+    defaults:              # Config keys the base config leaves null (unset): the value trials use then
+      model.image_size: 32
     fixed:                 # Config keys set for every trial
       data.auto_augment: null
     params:                # shared: sampled for every trial
@@ -17,16 +19,17 @@ A space (format ``version: 1``) names Config keys (``optim.lr``, ``data.mixup``,
 
 Distributions: ``uniform`` / ``loguniform`` (floats), ``int`` / ``logint`` (integers), each ``[low, high]`` with
 ``low < high`` and an optional ``step`` (uniform, int); ``choice: [values]`` (scalars or null). Precedence, lowest
-first: the base config (``--config`` / ``--set``), shared ``fixed``, shared ``params``, family ``fixed``, family
-``params``, per-architecture values. Every mistake (a typo in a key, an unknown architecture, an empty range, a value
-the Config refuses) is a :class:`SearchSpaceError` naming the file, the key and the reason, raised before anything
-runs. No computation happens in :meth:`SearchSpace.__call__` (Optuna's define-by-run contract).
+first: ``defaults`` (only where the base config holds null), the base config (``--config`` / ``--set``), shared
+``fixed``, shared ``params``, family ``fixed``, family ``params``, per-architecture values. Every mistake (a typo in
+a key, an unknown architecture, an empty range, a value the Config refuses) is a :class:`SearchSpaceError` naming
+the file, the key and the reason, raised before anything runs. No computation happens in
+:meth:`SearchSpace.__call__` (Optuna's define-by-run contract).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +97,21 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
     description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Values for Config keys that are null by default (``model.image_size``, ...), used where the base config
+    leaves them null: a space made for small CPU runs can pick a small input size without overriding the size a
+    user's config sets. :meth:`resolve` folds them into ``fixed`` for one base config."""
 
     @property
     def architectures(self) -> list[str]:
         return [arch for fam in self.families.values() for arch in fam.architectures]
+
+    def resolve(self, base: Config) -> SearchSpace:
+        """This space for ``base``: its ``defaults`` for the keys ``base`` leaves null become fixed values, the
+        others are dropped (the base config's value stands)."""
+        data = to_dict(base)
+        filled = {k: v for k, v in self.defaults.items() if data[k.split(".")[0]][k.split(".")[1]] is None}
+        return replace(self, fixed={**filled, **self.fixed}, defaults={})
 
     def family_of(self, architecture: str) -> Family:
         for fam in self.families.values():
@@ -162,7 +176,8 @@ def load_search_space(uri: str, base: Config | None = None) -> SearchSpace:
 
     Args:
         uri: The file; a bare name such as ``quick`` names a shipped space.
-        base: The experiment's base config; every bound of every parameter is checked against it.
+        base: The experiment's base config; the space's ``defaults`` are resolved for it, and every bound of
+            every parameter is checked against it.
 
     Raises:
         SearchSpaceError: Naming the file, the key and the reason.
@@ -178,6 +193,7 @@ def load_search_space(uri: str, base: Config | None = None) -> SearchSpace:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SearchSpaceError(f"search space {uri}: not valid YAML: {exc}") from None
-    space = parse_search_space(data, uri)
-    check_search_space(space, base or Config())
+    base = base or Config()
+    space = parse_search_space(data, uri).resolve(base)
+    check_search_space(space, base)
     return space

@@ -38,7 +38,7 @@ RESERVED_KEYS = {
     "train.cpus_per_worker": "trial resources are fixed for a whole experiment (--set train.cpus_per_worker=N)",
     "train.use_gpu": "trial resources are fixed for a whole experiment (--set train.use_gpu=true)",
 }
-_SPACE_KEYS = ("version", "description", "fixed", "params", "families")
+_SPACE_KEYS = ("version", "description", "defaults", "fixed", "params", "families")
 _FAMILY_KEYS = ("architectures", "fixed", "params")
 
 
@@ -67,13 +67,38 @@ def parse_search_space(data: Any, source: str) -> SearchSpace:
                     f"{arch!r} is already in family {seen[arch]!r}; an architecture belongs to one family",
                 )
             seen[arch] = fam.name
-    return SearchSpace(
+    space = SearchSpace(
         source=source,
         families=families,
         fixed=_parse_fixed(data.get("fixed"), source, "fixed"),
         params=_parse_params(data.get("params"), source, "params"),
         description=str(data.get("description") or ""),
+        defaults=_parse_fixed(data.get("defaults"), source, "defaults"),
     )
+    _check_defaults(space)
+    return space
+
+
+def _check_defaults(space: SearchSpace) -> None:
+    """A default fills a key only where the base config leaves it null, so it must be a key that is null by
+    default, and one the space does not also set or search (that would always win, leaving the default dead)."""
+    defaults = to_dict(Config())
+    for key in space.defaults:
+        section, name = key.split(".")
+        if defaults[section][name] is not None:
+            raise space_error(
+                space.source,
+                f"defaults.{key}",
+                f"defaults only fill keys that are null unless set (this one defaults to {defaults[section][name]!r}); "
+                "put it under `fixed`, or leave it to the base config",
+            )
+        setters = [("fixed", space.fixed), ("params", space.params)]
+        for fam in space.families.values():
+            setters += [(f"families.{fam.name}.fixed", fam.fixed), (f"families.{fam.name}.params", fam.params)]
+            setters += [(f"families.{fam.name}.architectures.{a}", v) for a, v in fam.architectures.items()]
+        for where, mapping in setters:
+            if key in mapping:
+                raise space_error(space.source, f"defaults.{key}", f"is also set in `{where}`, which always wins")
 
 
 def _check_keys(data: dict, allowed: tuple[str, ...], source: str, where: str) -> None:
