@@ -99,8 +99,18 @@ def test_shipped_configs_load(path):
 def test_demo_config_names_its_search_space():
     from cls_ray.pipeline import DEMO_CONFIG
 
+    from cls_ray.tune.space import load_search_space, resolve_space_uri, trial_config
+
     cfg = load_config(str(DEMO_CONFIG))
-    assert "tune" in cfg.pipeline.stages and (REPO / cfg.tune.space).exists()
+    assert "tune" in cfg.pipeline.stages
+    # The demo searches the shipped quick.yaml, found by name from any directory, over its two architectures; the
+    # demo config's input and batch size override the space's 32 px default (the winner's training budget).
+    assert resolve_space_uri(cfg.tune.space) == str(REPO / "search_spaces" / "quick.yaml")
+    space = load_search_space(cfg.tune.space, base=cfg)
+    assert len(space.architectures) == 2 and cfg.tune.num_samples >= 2
+    for arch in space.architectures:
+        trial = trial_config(cfg, {**space.fixed, "model.name": arch}, "demo trial")
+        assert (trial.model.image_size, trial.data.batch_size) == (28, 128)
 
 
 def test_pipeline_without_source_is_refused_before_any_work(tmp_path):
