@@ -83,6 +83,10 @@ def _check_defaults(space: SearchSpace) -> None:
     """A default fills a key only where the base config leaves it null, so it must be a key that is null by
     default, and one the space does not also set or search (that would always win, leaving the default dead)."""
     defaults = to_dict(Config())
+    setters = [("fixed", space.fixed), ("params", space.params)]
+    for fam in space.families.values():
+        setters += [(f"families.{fam.name}.fixed", fam.fixed), (f"families.{fam.name}.params", fam.params)]
+        setters += [(f"families.{fam.name}.architectures.{a}", v) for a, v in fam.architectures.items()]
     for key in space.defaults:
         section, name = key.split(".")
         if defaults[section][name] is not None:
@@ -92,10 +96,6 @@ def _check_defaults(space: SearchSpace) -> None:
                 f"defaults only fill keys that are null unless set (this one defaults to {defaults[section][name]!r}); "
                 "put it under `fixed`, or leave it to the base config",
             )
-        setters = [("fixed", space.fixed), ("params", space.params)]
-        for fam in space.families.values():
-            setters += [(f"families.{fam.name}.fixed", fam.fixed), (f"families.{fam.name}.params", fam.params)]
-            setters += [(f"families.{fam.name}.architectures.{a}", v) for a, v in fam.architectures.items()]
         for where, mapping in setters:
             if key in mapping:
                 raise space_error(space.source, f"defaults.{key}", f"is also set in `{where}`, which always wins")
