@@ -1,10 +1,10 @@
 """Which tiny timm CNN clears 90% Fashion-MNIST test accuracy in the demo's 4 epochs, and at what CPU cost.
 
-Plain PyTorch (no Ray, no data pipeline: the IDX arrays in memory), the demo's recipe: AdamW (wd 0.05), 1 warm-up
-epoch then cosine per step, global batch 256, label smoothing 0.1, horizontal flips, channels_last; test accuracy
-on the official 10,000 test images after every epoch. It answers the question behind ``configs/demo.yaml`` and
-``search_spaces/quick.yaml``: the demo's search may pick any of quick.yaml's architectures, so which of them can
-reach the demo's target in its time budget.
+One process, no Ray and no data pipeline (the IDX arrays in memory), with the demo's recipe from
+``configs/demo.yaml`` through cls-ray's own timm factories (``create_optimizer_and_scheduler``: AdamW, 1 warm-up
+epoch then cosine per update), the demo's global batch (2 workers x 128), label smoothing, horizontal flips and
+channels_last; test accuracy on the official 10,000 test images after every epoch. The demo's search may pick any
+of ``search_spaces/quick.yaml``'s architectures: which of them can reach the demo's target in its time budget?
 
     .venv/bin/python benchmarks/demo_architectures.py resnet10t:28:0.003 mobilenetv3_small_050:56:0.006
 """
@@ -12,7 +12,6 @@ reach the demo's target in its time budget.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -20,7 +19,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from cls_ray.config import load_config
 from cls_ray.data.fashion_mnist import DEFAULT_SOURCE, load_split
+from cls_ray.pipeline import DEMO_CONFIG
+from cls_ray.train.components import create_optimizer_and_scheduler
 
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST's pixel statistics
 
@@ -31,14 +33,11 @@ def run(name: str, size: int, lr: float, epochs: int, threads: int, seed: int) -
     xtr, ytr = (torch.from_numpy(np.ascontiguousarray(a)) for a in load_split(DEFAULT_SOURCE, "train"))
     xte, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in load_split(DEFAULT_SOURCE, "test"))
     ytr, yte = ytr.long(), yte.long()
+    cfg = load_config(str(DEMO_CONFIG), [f"model.name={name}", f"optim.lr={lr}", f"train.epochs={epochs}"])
     model = timm.create_model(name, num_classes=10).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.05)
-    batch = 256
+    batch = cfg.data.batch_size * cfg.train.num_workers
     per_epoch = len(xtr) // batch
-    total = epochs * per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / per_epoch) * 0.5 * (1 + math.cos(math.pi * s / total))
-    )
+    opt, sched = create_optimizer_and_scheduler(model, cfg, per_epoch)
 
     def prep(x: torch.Tensor) -> torch.Tensor:
         x = x[:, None].float().div(255).sub(MEAN).div(STD).expand(-1, 3, -1, -1)
@@ -54,13 +53,13 @@ def run(name: str, size: int, lr: float, epochs: int, threads: int, seed: int) -
         for i in range(per_epoch):
             idx = perm[i * batch : (i + 1) * batch]
             x = prep(xtr[idx])
-            flip = torch.rand(len(idx)) < 0.5
+            flip = torch.rand(len(idx)) < cfg.data.hflip
             x[flip] = x[flip].flip(-1)
-            loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=cfg.data.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            sched.step_update(num_updates=epoch * per_epoch + i + 1)
         model.eval()
         with torch.no_grad():
             correct = sum(
