@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1,
                         help="trials at a time in both arms (each needs 2 CPUs: a 1-CPU worker + 1 decode CPU)")
+    parser.add_argument("--reuse-completed", action="store_true",
+                        help="exhaustive arm: take the search's own result for configurations ASHA already ran to "
+                        "--max-epochs (same trainable, same seed) instead of training them again; their epochs still "
+                        "count in the exhaustive arm's trial-epochs")
     parser.add_argument("--workdir", default=None, help="keep everything here (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -197,11 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     search = tune(data_uri, asha_cfg)
     asha_wall = time.monotonic() - start
     board = _read_leaderboard(workdir / "asha_tpe")
-    configs = [{k: r[k] for k in ("model.name", "optim.lr", "model.mode")} for r in board]
+    keys = ("model.name", "optim.lr", "model.mode")
+    completed = [r for r in board if args.reuse_completed and r["epochs"] == args.max_epochs and not r["error"]]
+    reused = [
+        {"config": {k: r[k] for k in keys}, "epochs": r["epochs"], "best": r["val_top1"], "error": None, "reused": True}
+        for r in completed
+    ]
+    configs = [{k: r[k] for k in keys} for r in board if r not in completed]
 
     start = time.monotonic()
     full_cfg = load_config(None, common + ["tune.experiment_name=exhaustive"])
-    full = run_exhaustive(data_uri, full_cfg, configs)
+    full = (run_exhaustive(data_uri, full_cfg, configs) if configs else []) + reused
     full_wall = time.monotonic() - start
     ray.shutdown()
     cluster.shutdown()
@@ -294,8 +304,8 @@ def _report(args: Any, board: list[dict], full: list[dict], search: Any, asha_wa
         asha_row = next(r for r in board if _same(r, row["config"]))
         console.print(
             f"  {row['config']['model.name']:<22} lr {row['config']['optim.lr']:.2e}: full {row['best']:.4f}"
-            f" ({row['epochs']} ep) | ASHA {asha_row['val_top1'] or 0:.4f} ({asha_row['epochs']} ep, "
-            f"{asha_row['status']})"
+            f" ({row['epochs']} ep{', the search run' if row.get('reused') else ''}) | ASHA "
+            f"{asha_row['val_top1'] or 0:.4f} ({asha_row['epochs']} ep, {asha_row['status']})"
         )
     return {
         "args": vars(args),
