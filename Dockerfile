@@ -8,10 +8,12 @@
 # NVIDIA container toolkit adds the driver (580 or newer).
 FROM rayproject/ray:2.60.0-py311
 
-# KubeRay's default health probes run wget; S3 over TLS needs the CA bundle.
+# KubeRay's default health probes run wget; S3 over TLS needs the CA bundle; FFCV (data.format=ffcv) builds from
+# source against OpenCV and libjpeg-turbo.
 USER root
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates wget \
+       build-essential pkg-config libopencv-dev libturbojpeg0-dev \
     && rm -rf /var/lib/apt/lists/*
 USER ray
 
@@ -19,7 +21,7 @@ WORKDIR /home/ray/cls-ray
 COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
 COPY --chown=ray:users cls_ray ./cls_ray
 # Every dependency pinned to the versions the project is tested with.
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt '.[ffcv]' \
     && cls-ray --help > /dev/null
 # Search spaces are read by path (tune.space: /home/ray/cls-ray/search_spaces/...); configs reach the pods
 # through a ConfigMap or S3.

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	else echo "not root: skipping apt packages ($(APT_PACKAGES)); install them yourself if missing"; fi
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev,ffcv]'
 	@touch $(STAMP)
 
 demo: setup

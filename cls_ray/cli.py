@@ -18,7 +18,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from cls_ray.data.ingest import ingest
 
-    overrides = list(args.overrides) + (["ingest.overwrite=true"] if args.overwrite else [])
+    overrides = (list(args.overrides) + (["ingest.overwrite=true"] if args.overwrite else [])
+                 + (["ingest.ffcv=true"] if args.ffcv else []))
     cfg = load_config(args.config, overrides)
     ingest(args.src, args.dest, cfg.ingest)
     return 0
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="class folders: local dir or s3://bucket/prefix")
     p.add_argument("dest", help="dataset output: local dir or s3://bucket/prefix")
     p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at DEST")
+    p.add_argument("--ffcv", action="store_true",
+                   help="also write each split as an FFCV .beton file, for training with data.format=ffcv")
     _add_config_args(p)
     p.set_defaults(func=_cmd_ingest)
 

@@ -55,6 +55,16 @@ class IngestConfig:
     """Replace a DEST that already holds a complete dataset."""
     file_timeout_s: float = 60.0
     """A file whose validation takes longer is refused (guards against decoder hangs)."""
+    ffcv: bool = False
+    """Also write each split as an FFCV ``.beton`` file (``SPLIT/data.beton``) beside its Parquet shards, for
+    ``data.format=ffcv`` (needs the ``ffcv`` extra: ``pip install 'cls-ray[ffcv]'``)."""
+    ffcv_write_mode: Literal["raw", "jpg", "smart"] = "smart"
+    """How the .beton stores pixels: ``raw`` uint8 (no decoding when training, 3 bytes per pixel), ``jpg``
+    (``ingest.jpeg_quality``), or ``smart``: raw up to ``ffcv_smart_threshold`` bytes per image, JPEG above."""
+    ffcv_smart_threshold: int = 3 * 96 * 96
+    """``smart`` mode: images whose raw pixels take more bytes than this are stored as JPEG."""
+    ffcv_max_resolution: int | None = None
+    """Longest side in the .beton (larger images are downscaled); None keeps the stored images' size."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.val_fraction < 1, "ingest.val_fraction", "must be in [0, 1)")
@@ -67,6 +77,9 @@ class IngestConfig:
         _check(self.shard_size_mb >= 1, "ingest.shard_size_mb", "must be at least 1")
         _check(self.num_workers >= 0, "ingest.num_workers", "must be >= 0 (0 = one per core)")
         _check(self.min_images_per_class >= 1, "ingest.min_images_per_class", "must be at least 1")
+        _check(self.ffcv_smart_threshold >= 1, "ingest.ffcv_smart_threshold", "must be at least 1")
+        _check(self.ffcv_max_resolution is None or self.ffcv_max_resolution >= 8, "ingest.ffcv_max_resolution",
+               "must be at least 8, or null")
 
 
 @dataclass
@@ -142,6 +155,14 @@ class DataConfig:
     """CPUs one decode task reserves."""
     prefetch_batches: int = 2
     """Batches each training worker keeps ready ahead of the one it trains on."""
+    format: Literal["parquet", "ffcv"] = "parquet"
+    """Where the train split comes from: ``parquet`` streams the Parquet shards through Ray Data decode tasks (every
+    timm augmentation); ``ffcv`` has each worker read the split's ``.beton`` file (``ingest.ffcv``) with FFCV's
+    JIT-compiled loader in its own process: RandomResizedCrop + flip fused into decoding, random erasing and mixup on
+    the device, no colour jitter or RandAugment. Validation always runs through the Parquet pipeline, so it matches
+    ``cls-ray evaluate`` exactly."""
+    ffcv_workers: int | None = None
+    """FFCV loader threads in each training worker; None uses ``train.cpus_per_worker`` (at least 1)."""
     progress_bars: bool = False
     """Ray Data's per-operator progress bars for the train/val pipelines (one set per epoch; the per-epoch training
     line reports throughput and data wait either way)."""
@@ -160,6 +181,17 @@ class DataConfig:
         _check(self.local_shuffle_buffer >= 1, "data.local_shuffle_buffer", "must be at least 1")
         _check(self.decode_cpus > 0, "data.decode_cpus", "must be positive")
         _check(self.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
+        _check(self.ffcv_workers is None or self.ffcv_workers >= 1, "data.ffcv_workers", "must be at least 1, or null")
+        if self.format == "ffcv":
+            # FFCV's pipeline fuses RandomResizedCrop + flip into decoding; PIL-based ops have no place in it.
+            pil_ops = (("auto_augment", self.auto_augment, "null"), ("color_jitter", self.color_jitter, "0"))
+            pil_only = {key: (value, off) for key, value, off in pil_ops if value}
+            _check(not pil_only, "data.format",
+                   f"'ffcv' applies RandomResizedCrop, flip, random erasing and mixup/cutmix, not colour jitter or "
+                   f"RandAugment; set {' '.join(f'data.{k}={off}' for k, (_, off) in pil_only.items())} (now "
+                   f"{', '.join(f'data.{k}={v}' for k, (v, _) in pil_only.items())}), or use data.format=parquet")
+            _check(not self.balanced_sampling, "data.balanced_sampling",
+                   "is not available with data.format=ffcv; use train.class_weighted_loss, or data.format=parquet")
 
 
 @dataclass

@@ -84,7 +84,9 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     if "ingest" in stages:
         from cls_ray.data.ingest import ingest
 
-        ingest(cfg.source, result.dataset_uri, cfg.ingest)
+        # Training from FFCV files needs them written: data.format=ffcv turns ingest.ffcv on.
+        ingest_cfg = dataclasses.replace(cfg.ingest, ffcv=cfg.ingest.ffcv or cfg.data.format == "ffcv")
+        ingest(cfg.source, result.dataset_uri, ingest_cfg)
     if "tune" in stages:
         result.search = _search(result.dataset_uri, cfg)
         result.package_uri = result.search.best_package_uri

@@ -190,3 +190,32 @@ def list_files(uri: str, recursive: bool = True) -> list[pafs.FileInfo]:
     except OSError as exc:
         raise StorageError(describe_error(uri, exc)) from exc
     return [i for i in infos if i.type == pafs.FileType.File]
+
+
+def copy_file(src: str, dest: str) -> None:
+    """Copy one file between any two URIs (local <-> S3) in streamed chunks (``pyarrow.fs.copy_files``).
+
+    A local destination is written under a temporary name and renamed, so a reader never sees half a file.
+    """
+    src_fs, src_path = resolve(src)
+    dest_fs, dest_path = resolve(dest)
+    local = isinstance(dest_fs, pafs.LocalFileSystem)
+    target = f"{dest_path}.tmp-{uuid.uuid4().hex[:8]}" if local else dest_path
+    try:
+        if local:
+            os.makedirs(os.path.dirname(dest_path), exist_ok=True)
+        pafs.copy_files(src_path, target, source_filesystem=src_fs, destination_filesystem=dest_fs)
+        if local:
+            os.replace(target, dest_path)
+    except OSError as exc:
+        if local and os.path.exists(target):
+            os.remove(target)
+        raise StorageError(describe_error(src if not exists_quietly(src) else dest, exc)) from exc
+
+
+def exists_quietly(uri: str) -> bool:
+    """:func:`exists`, False where the storage cannot be reached."""
+    try:
+        return exists(uri)
+    except StorageError:
+        return False

@@ -98,7 +98,6 @@ def test_shipped_configs_load(path):
 
 def test_demo_config_names_its_search_space():
     from cls_ray.pipeline import DEMO_CONFIG
-
     from cls_ray.tune.space import load_search_space, resolve_space_uri, trial_config
 
     cfg = load_config(str(DEMO_CONFIG))

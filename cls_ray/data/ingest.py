@@ -51,6 +51,11 @@ class _Spool:
         self._file.seek(where[0])
         return self._file.read(where[1])
 
+    def fileno(self) -> int:
+        """The spool's descriptor, everything written so far flushed (for readers using ``os.pread``)."""
+        self._file.flush()
+        return self._file.fileno()
+
     def close(self) -> None:
         self._file.close()
 
@@ -67,6 +72,9 @@ def _existing_dataset(src: str, dest: str, cfg: IngestConfig) -> dict[str, Any] 
         manifest = read_manifest(dest)
     except ManifestError as exc:
         raise IngestError(f"{exc}; pass --overwrite (ingest.overwrite=true) to replace it") from None
+    if cfg.ffcv and "ffcv" not in manifest:
+        logger.warning("%s holds a complete dataset without FFCV files and ingest.ffcv is on; rewriting it", dest)
+        return None
     missing = _missing_shards(dest, manifest)
     if missing:
         logger.warning("%s: manifest.json lists %d shard(s) that are gone (%s); rewriting the dataset", dest,
@@ -92,6 +100,7 @@ def _missing_shards(dest: str, manifest: dict[str, Any]) -> list[str]:
     except storage.StorageError as exc:
         raise IngestError(f"cannot list DEST: {exc}") from None
     listed = [shard["path"] for split in manifest["splits"].values() for shard in split["shards"]]
+    listed += [entry["path"] for entry in manifest.get("ffcv", {}).get("splits", {}).values()]
     return [p for p in listed if p not in present]
 
 
@@ -192,6 +201,25 @@ def _write_shards(dest: str, splits: dict[str, list[Item]], facts: dict[str, dic
     return out
 
 
+def _write_betons(dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool,
+                  cfg: IngestConfig) -> dict[str, Any]:
+    """FFCV .beton files of the non-empty splits, rows in the Parquet shards' order (``ingest.ffcv``)."""
+    from cls_ray.data.ffcv_format import SpoolImages, write_beton
+
+    fd = spool.fileno()
+    out: dict[str, Any] = {}
+    for split in SPLIT_DIRS:
+        entries = [(*facts[it.path]["where"], it.label) for it in shard_order(splits[split], cfg.seed, split)]
+        if not entries:
+            continue
+        try:
+            out[split] = write_beton(dest, split, SpoolImages(fd, entries, cfg.max_pixels), cfg)
+        except OSError as exc:
+            raise IngestError(f"writing the {split} FFCV file failed: {storage.describe_error(dest, exc)}") from None
+    return {"write_mode": cfg.ffcv_write_mode, "max_resolution": cfg.ffcv_max_resolution,
+            "smart_threshold": cfg.ffcv_smart_threshold if cfg.ffcv_write_mode == "smart" else None, "splits": out}
+
+
 def _encoding_summary(kept: list[Item], facts: dict[str, dict], cfg: IngestConfig) -> dict[str, Any]:
     kinds = [facts[it.path]["encoding"] for it in kept]
     return {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "max_pixels": cfg.max_pixels,
@@ -215,6 +243,10 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
     Raises:
         IngestError: bad SRC or DEST, fewer than two classes, or a class without enough valid images.
     """
+    if cfg.ffcv:
+        from cls_ray.data.ffcv_format import require_ffcv
+
+        require_ffcv("ingest.ffcv")
     existing = _existing_dataset(src, dest, cfg)
     if existing is not None:
         if summary:
@@ -234,6 +266,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         _warn_missing(splits, scan.classes)
         _clear_dest(dest)
         split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg)
+        betons = _write_betons(dest, splits, facts, spool, cfg) if cfg.ffcv else None
     finally:
         spool.close()
     manifest = {
@@ -249,6 +282,8 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
                    "duplicates_dropped": len(items) - len(kept), "hidden_ignored": scan.hidden_ignored},
         "source": src,
     }
+    if betons is not None:
+        manifest["ffcv"] = betons
     write_manifest(dest, manifest)
     logger.info("dataset complete: %s", manifest_uri(dest))
     if summary:

@@ -73,3 +73,8 @@ def print_summary(manifest: dict[str, Any], console: Console | None = None) -> N
     if refusals is not None:
         console.print(refusals)
     console.print(_duplicates_line(manifest))
+    ffcv = manifest.get("ffcv")
+    if ffcv:
+        files = ", ".join(f"{split} {e['num_rows']} rows {e['bytes'] / 2**20:.1f} MB" for split, e in
+                          ffcv["splits"].items())
+        console.print(f"FFCV files ({ffcv['write_mode']}): {files}")

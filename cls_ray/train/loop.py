@@ -107,6 +107,17 @@ def _resume(w: Worker, rank: int, world: int) -> Progress:
     return progress
 
 
+def _train_batches(cfg: Config, spec: RunSpec, world: int, device: torch.device) -> Any:
+    """``epoch -> batches`` of this rank: its Ray Data shard, or (``data.format=ffcv``) its FFCV loader."""
+    if spec.train_beton_uri is None:
+        shard = ray.train.get_dataset_shard("train")
+        return lambda epoch: iter_train_batches(shard, cfg.data, device)
+    from cls_ray.data.ffcv_format import FFCVTrainBatches, local_beton
+
+    path = local_beton(spec.train_beton_uri, spec.dataset_digest)
+    return FFCVTrainBatches(path, spec.data_config, cfg, world, device).epoch
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` holds ``cfg`` (:class:`Config`) and ``spec`` (:class:`RunSpec`)."""
     cfg: Config = config["cfg"]
@@ -118,9 +129,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     w = build_worker(cfg, spec, device, wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False))
     progress = _resume(w, rank, world)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_batches = _train_batches(cfg, spec, world, device)
+    val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
-        metrics = {"epoch": epoch, **train_one_epoch(w, iter_train_batches(train_shard, cfg.data, device), progress)}
+        metrics = {"epoch": epoch, **train_one_epoch(w, train_batches(epoch), progress)}
         w.objs.scheduler.step(epoch)
         evaluate = epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs
         details: dict[str, Any] = {}

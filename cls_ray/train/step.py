@@ -39,6 +39,10 @@ class RunSpec:
     """``{storage_path}/{run_name}``: holds the checkpoints and :data:`HISTORY_FILE`."""
     updates_per_epoch: int
     """Optimizer updates per epoch on each worker (per-update LR schedules)."""
+    train_beton_uri: str | None = None
+    """``data.format=ffcv``: the train split's .beton, which every worker reads itself."""
+    dataset_digest: str = ""
+    """The manifest's digest (keys the per-node copy of a .beton on S3)."""
 
 
 @dataclass

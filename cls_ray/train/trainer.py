@@ -118,7 +118,9 @@ def _check_placement(cfg: Config) -> None:
 
 
 def _updates_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
-    rows = manifest["splits"]["train"]["num_rows"] // cfg.train.num_workers
+    rows, world = manifest["splits"]["train"]["num_rows"], cfg.train.num_workers
+    # Ray Data splits the train split into equal shards (floor); FFCV's DistributedSampler pads every rank to ceil.
+    rows = -(-rows // world) if cfg.data.format == "ffcv" and world > 1 else rows // world
     batches = rows // cfg.data.batch_size
     if batches == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than each worker's share of the train "
@@ -143,6 +145,12 @@ def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
     """
     manifest = manifest_lib.read_manifest(data_uri)
     _check_splits(data_uri, manifest)
+    train_beton = None
+    if cfg.data.format == "ffcv":
+        from cls_ray.data.ffcv_format import beton_uri, require_ffcv
+
+        require_ffcv("data.format=ffcv")
+        train_beton = beton_uri(data_uri, manifest, "train")
     check_architecture(cfg.model.name)
     _check_metric(cfg)
     _check_pretrained(cfg)
@@ -151,7 +159,8 @@ def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
     spec = RunSpec(classes=list(manifest["classes"]),
                    class_counts=list(manifest["splits"]["train"]["class_counts"]),
                    data_config=data_config_for(cfg.model), run_uri="",
-                   updates_per_epoch=_updates_per_epoch(manifest, cfg))
+                   updates_per_epoch=_updates_per_epoch(manifest, cfg), train_beton_uri=train_beton,
+                   dataset_digest=manifest_lib.manifest_digest(manifest))
     return manifest, spec
 
 
@@ -166,11 +175,11 @@ def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: st
     spec.run_uri = storage.join(storage_path, run_name)
     filesystem, path = storage.resolve(storage_path)
     max_pixels = cfg.ingest.max_pixels
-    datasets = {
-        "train": build_train_dataset(data_uri, manifest, spec.data_config, cfg.data, seed=cfg.train.seed,
-                                     max_pixels=max_pixels),
-        "val": build_eval_dataset(data_uri, manifest, "val", spec.data_config, cfg.data, max_pixels=max_pixels),
-    }
+    datasets = {"val": build_eval_dataset(data_uri, manifest, "val", spec.data_config, cfg.data,
+                                          max_pixels=max_pixels)}
+    if spec.train_beton_uri is None:  # data.format=ffcv: every worker reads the train .beton itself
+        datasets["train"] = build_train_dataset(data_uri, manifest, spec.data_config, cfg.data, seed=cfg.train.seed,
+                                                max_pixels=max_pixels)
     t = cfg.train
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks or None,
