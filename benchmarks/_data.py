@@ -83,12 +83,12 @@ def write_jpeg_folders(root: Path, num_images: int, side: int = 224, quality: in
 
 
 def prepare_dataset(num_images: int, side: int = 224, workdir: Path = DEFAULT_WORKDIR,
-                    val_fraction: float = 0.0) -> tuple[Path, str]:
+                    val_fraction: float = 0.0, ffcv: bool = False) -> tuple[Path, str]:
     """Class folders of JPEGs and the cls-ray dataset ingested from them with the default ingest settings (so
     sources larger than ``ingest.max_side`` are stored downscaled), ``val_fraction`` of each class in ``val``
-    and the rest in ``train``.
+    and the rest in ``train``; with ``ffcv``, FFCV .beton files beside the Parquet shards (``ingest.ffcv``).
 
-    Cached: a second call with the same arguments reuses both.
+    Cached: a second call with the same arguments reuses both (a dataset with .beton files serves calls without).
 
     Returns:
         ``(folders, dataset_uri)``.
@@ -100,13 +100,15 @@ def prepare_dataset(num_images: int, side: int = 224, workdir: Path = DEFAULT_WO
     base = Path(workdir) / f"fmnist-{num_images}-{side}px-val{val_fraction:g}"
     folders, dataset = base / "folders", base / "dataset"
     stamp = base / "prepared.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == key:
-        return folders, str(dataset)
+    if stamp.exists():
+        found = json.loads(stamp.read_text())
+        if {**found, "ffcv": found.get("ffcv", False)} in ({**key, "ffcv": ffcv}, {**key, "ffcv": True}):
+            return folders, str(dataset)
     logger.info("writing %d %dpx JPEGs under %s and ingesting them", num_images, side, base)
     write_jpeg_folders(folders, num_images, side)
-    cfg = IngestConfig(val_fraction=val_fraction, test_fraction=0.0, overwrite=True)
+    cfg = IngestConfig(val_fraction=val_fraction, test_fraction=0.0, overwrite=True, ffcv=ffcv)
     ingest(str(folders), str(dataset), cfg, summary=False)
-    stamp.write_text(json.dumps(key))
+    stamp.write_text(json.dumps({**key, "ffcv": ffcv}))
     return folders, str(dataset)
 
 

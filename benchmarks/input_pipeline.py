@@ -8,6 +8,9 @@ Three runs side by side over the same images, on the same core count:
   JPEG files, with the same transform.
 * ``cls_ray``: cls-ray's Ray Data pipeline (Parquet shards -> decode + augment in ``map_batches`` CPU tasks ->
   uint8 batches) on a Ray instance with ``num_cpus`` = cores, consumed on the driver.
+* ``ffcv`` (optional, ``--runs ...,ffcv``): cls-ray's ``data.format=ffcv`` train loader
+  (:class:`cls_ray.data.ffcv_format.FFCVTrainBatches`) over the split's .beton (written by ``ingest.ffcv``: the
+  same images, re-encoded as JPEG at ``ingest.jpeg_quality``), ``cores`` FFCV threads in one process.
 
 Each run does ``--warmup-epochs`` untimed epochs (worker start-up, caches), then ``--epochs`` timed ones: images/s
 over wall time (including each epoch's ramp-up and the gaps between epochs) and images per CPU-second of the whole
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the consumer puts each batch (cuda: a host->device copy per batch)")
-    p.add_argument("--runs", default="bare,imagefolder,cls_ray", help="comma-separated subset to run")
+    p.add_argument("--runs", default="bare,imagefolder,cls_ray",
+                   help="comma-separated subset of bare, imagefolder, cls_ray, ffcv to run")
     p.add_argument("--shuffle", default="global", choices=["global", "local"], help="cls-ray's data.shuffle")
     p.add_argument("--workdir", type=Path, default=_data.DEFAULT_WORKDIR)
     p.add_argument("--object-store-mb", type=int, default=None,
@@ -163,6 +167,26 @@ def run_cls_ray(dataset_uri: str, args: argparse.Namespace) -> dict[str, float]:
         ray.shutdown()
 
 
+def run_ffcv(dataset_uri: str, args: argparse.Namespace) -> dict[str, float]:
+    """cls-ray's ``data.format=ffcv`` train loader, as a training worker builds it, with ``args.cores`` threads."""
+    import torch
+
+    from cls_ray.config import load_config
+    from cls_ray.data.ffcv_format import FFCVTrainBatches, beton_uri
+    from cls_ray.data.manifest import read_manifest
+
+    cfg = load_config(None, ["data.format=ffcv", "data.auto_augment=null", "data.color_jitter=0", "data.re_prob=0",
+                             f"data.batch_size={args.batch_size}", f"data.ffcv_workers={args.cores}"])
+    path = beton_uri(dataset_uri, read_manifest(dataset_uri), "train")
+    batches = FFCVTrainBatches(path, data_config(args.image_size), cfg, world=1, device=torch.device(args.device))
+
+    def epoch_batches(epoch: int) -> Iterable[tuple[Any, Any]]:
+        for batch in batches.epoch(epoch + 1):
+            yield batch["image"], batch["label"]
+
+    return measure(epoch_batches, args, cores=args.cores)
+
+
 def summarise(results: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Ratios of cls-ray against each baseline: per core (wall time) and per CPU-second against bare, absolute
     against ImageFolder on the same cores."""
@@ -175,6 +199,11 @@ def summarise(results: dict[str, dict[str, float]]) -> dict[str, Any]:
     if cand and "imagefolder" in results:
         out["cls_ray_vs_imagefolder"] = cand["images_per_s"] / results["imagefolder"]["images_per_s"]
         out["cls_ray_per_cpu_s_vs_imagefolder"] = cand["images_per_cpu_s"] / results["imagefolder"]["images_per_cpu_s"]
+    ffcv = results.get("ffcv")
+    if ffcv and "bare" in results:
+        out["ffcv_per_core_vs_bare"] = ffcv["images_per_s_per_core"] / results["bare"]["images_per_s_per_core"]
+    if ffcv and "imagefolder" in results:
+        out["ffcv_vs_imagefolder"] = ffcv["images_per_s"] / results["imagefolder"]["images_per_s"]
     return out
 
 
@@ -192,10 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = sorted(set(runs) - {"bare", "imagefolder", "cls_ray"})
+    unknown = sorted(set(runs) - {"bare", "imagefolder", "cls_ray", "ffcv"})
     if unknown:
-        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from bare, imagefolder, cls_ray")
-    folders, dataset_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir)
+        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from bare, imagefolder, cls_ray, ffcv")
+    folders, dataset_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir, ffcv="ffcv" in runs)
     results: dict[str, dict[str, float]] = {}
     for name in runs:
         logger.info("running %s", name)
@@ -204,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name] = run_bare(encoded, labels, args)
         elif name == "imagefolder":
             results[name] = run_imagefolder(folders, args)
+        elif name == "ffcv":
+            results[name] = run_ffcv(dataset_uri, args)
         else:
             results[name] = run_cls_ray(dataset_uri, args)
     ratios = summarise(results)

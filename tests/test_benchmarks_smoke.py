@@ -35,14 +35,17 @@ def test_input_pipeline_counts_every_image_in_every_run(workdir):
     n, batch, epochs = 60, 8, 1
     record = input_pipeline.main(["--num-images", str(n), "--side", "64", "--image-size", "32", "--batch-size",
                                   str(batch), "--epochs", str(epochs), "--warmup-epochs", "1", "--cores", "2",
-                                  "--workdir", str(workdir), "--object-store-mb", "200"])
+                                  "--workdir", str(workdir), "--object-store-mb", "200",
+                                  "--runs", "bare,imagefolder,cls_ray,ffcv"])
     results = record["results"]
     assert results["bare"]["timed_images"] == epochs * n
     assert results["imagefolder"]["timed_images"] == epochs * n
     # cls-ray's train iterator drops the last partial batch (equal steps on every DDP rank).
     assert results["cls_ray"]["timed_images"] == epochs * (n // batch) * batch
-    assert results["bare"]["cores"] == 1 and results["cls_ray"]["cores"] == 2
-    for key in ("cls_ray_per_core_vs_bare", "cls_ray_per_cpu_s_vs_bare", "cls_ray_vs_imagefolder"):
+    assert results["ffcv"]["timed_images"] == epochs * (n // batch) * batch  # FFCV drops it too
+    assert results["bare"]["cores"] == 1 and results["cls_ray"]["cores"] == results["ffcv"]["cores"] == 2
+    for key in ("cls_ray_per_core_vs_bare", "cls_ray_per_cpu_s_vs_bare", "cls_ray_vs_imagefolder",
+                "ffcv_per_core_vs_bare", "ffcv_vs_imagefolder"):
         assert _positive(record[key]), key
 
 
