@@ -245,6 +245,11 @@ def _start_ray(num_cpus: int) -> Any:
             "dashboard_port": port,
         },
     )
+    # Cluster records its address in ray_current_cluster, where every `ray.init()` on this machine would find and
+    # join it (a cls-ray command or a test run beside the benchmark): this process connects by address instead.
+    from ray._common.utils import reset_ray_address
+
+    reset_ray_address()
     ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     return cluster
 

@@ -304,7 +304,10 @@ def test_dockerfile_builds_on_the_matching_ray_image_with_pinned_dependencies() 
     text = (REPO / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert base == f"rayproject/ray:{ray.__version__}-{PY_TAG}" and sys.version_info[:2] == (3, 11)
-    assert re.search(r"pip install [^\n]*-c constraints\.txt \.", text)
+    # The project with its FFCV extra, under the tested pins; FFCV compiles against OpenCV and libjpeg-turbo.
+    assert re.search(r"pip install [^\n]*-c constraints\.txt '?\.\[ffcv\]'?", text)
+    (apt,) = re.findall(r"apt-get install ([^&]+)&&", text)
+    assert {"build-essential", "pkg-config", "libopencv-dev", "libturbojpeg0-dev"} <= set(apt.split())
     for line in re.findall(r"^COPY\s+(.+)$", text, flags=re.M):
         sources = [w for w in line.split() if not w.startswith("--")][:-1]
         for source in sources:

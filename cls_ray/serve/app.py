@@ -167,17 +167,12 @@ def _running_http_address(cfg: ServeConfig) -> tuple[str, int]:
 
 
 def _ensure_ray(detach: bool) -> None:
-    import ray
+    from cls_ray.ray_connect import ensure_ray
 
-    if ray.is_initialized():
-        return
-    if not detach:
-        ray.init()  # RAY_ADDRESS or a running `ray start` cluster if there is one, else a local instance
-        return
     try:
-        ray.init(address="auto")
+        ensure_ray(existing_cluster=detach)
     except ConnectionError as exc:
-        raise ConfigError("--detach needs a running Ray cluster to outlive this command: start one with "
+        raise ConfigError(f"--detach needs a running Ray cluster to outlive this command ({exc}): start one with "
                           "`ray start --head` (or set RAY_ADDRESS), or serve without --detach") from exc
 
 

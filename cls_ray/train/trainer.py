@@ -24,6 +24,7 @@ from cls_ray.data.pipeline import build_eval_dataset, build_train_dataset
 from cls_ray.export import save_model_package
 from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
+from cls_ray.ray_connect import ensure_ray
 from cls_ray.train.loop import HISTORY_FILE, train_loop_per_worker
 from cls_ray.train.state import read_package_weights, read_progress
 from cls_ray.train.step import RunSpec
@@ -65,12 +66,6 @@ class _EvalSplitsExact(ray.train.DataConfig):
             for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
                 output[i][name] = split
         return output
-
-
-def ensure_ray() -> None:
-    """Connect to the Ray cluster (``RAY_ADDRESS``) or start a local one, once per process."""
-    if not ray.is_initialized():
-        ray.init()
 
 
 def _check_metric(cfg: Config) -> None:

@@ -277,7 +277,7 @@ def tune(data_uri: str, cfg: Config) -> TuneResult:
         TuneError: No trial produced the metric (nothing to promote); the leaderboard is still written.
     """
     from cls_ray.data.manifest import read_manifest
-    from cls_ray.train.trainer import ensure_ray
+    from cls_ray.ray_connect import ensure_ray
 
     # Each trial runs in its own directory: relative paths would name different places there.
     data_uri, cfg = storage.absolute(data_uri), with_absolute_paths(cfg)
