@@ -10,7 +10,8 @@ is a real Ray Train run through the same trainable (``cls_ray.tune.tuner.run_tri
 configuration's first epochs match in both arms.
 
 Reported: best validation top-1 (best epoch of any trial), trial-epochs spent, wall time; target: ASHA + TPE within
-1 point of the exhaustive best at <= 30% of its trial-epochs.
+1 point of the exhaustive best at <= 30% of its trial-epochs. Re-running with the same ``--workdir`` after an
+interruption resumes both arms (finished trials are kept; wall times then cover the resumed invocation only).
 
     .venv/bin/python benchmarks/search.py [--samples 8 --max-epochs 12 --grace 1 --rf 4 --image-size 16]
     .venv/bin/python benchmarks/search.py --samples 32 --num-cpus 16 --concurrency 8   # a 16-core node
@@ -110,16 +111,12 @@ def run_exhaustive(data_uri: str, cfg: Any, configs: list[dict[str, Any]]) -> li
     base = trial_base_config(cfg, experiment_uri(cfg))
     values = [{**c, "_index": i + 1} for i, c in enumerate(configs)]
     fs, root = storage.resolve(cfg.tune.storage_path)
-    tuner = ray_tune.Tuner(
-        make_trainable(data_uri, base, _exhaustive_trial),
-        param_space={"values": ray_tune.grid_search(values)},
-        tune_config=ray_tune.TuneConfig(
-            max_concurrent_trials=cfg.tune.max_concurrent_trials,
-            trial_name_creator=_exhaustive_name,
-            trial_dirname_creator=_exhaustive_name,
-        ),
-        run_config=ray_tune.RunConfig(name=cfg.tune.experiment_name, storage_path=root, storage_filesystem=fs),
-    )
+    trainable = make_trainable(data_uri, base, _exhaustive_trial)
+    path = f"{root.rstrip('/')}/{cfg.tune.experiment_name}"
+    if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):  # an interrupted run: finished trials are kept
+        tuner = ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, storage_filesystem=fs)
+    else:
+        tuner = _new_exhaustive_tuner(trainable, values, cfg, root, fs)
     rows = []
     for result in tuner.fit():
         df = result.metrics_dataframe
@@ -133,6 +130,21 @@ def run_exhaustive(data_uri: str, cfg: Any, configs: list[dict[str, Any]]) -> li
             }
         )
     return rows
+
+
+def _new_exhaustive_tuner(trainable: Any, values: list[dict[str, Any]], cfg: Any, root: str, fs: Any) -> Any:
+    from ray import tune as ray_tune
+
+    return ray_tune.Tuner(
+        trainable,
+        param_space={"values": ray_tune.grid_search(values)},
+        tune_config=ray_tune.TuneConfig(
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            trial_name_creator=_exhaustive_name,
+            trial_dirname_creator=_exhaustive_name,
+        ),
+        run_config=ray_tune.RunConfig(name=cfg.tune.experiment_name, storage_path=root, storage_filesystem=fs),
+    )
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -192,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tune.max_concurrent_trials={args.concurrency}",
     ]
 
+    resumed = [arm for arm in ("asha_tpe", "exhaustive") if (workdir / arm).is_dir()]
     start = time.monotonic()
     asha_cfg = load_config(
         None,
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     full_wall = time.monotonic() - start
     ray.shutdown()
     cluster.shutdown()
-    report = _report(args, board, full, search, asha_wall, full_wall)
+    report = _report(args, board, full, search, asha_wall, full_wall, resumed)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
@@ -260,7 +273,10 @@ def _read_leaderboard(exp: Path) -> list[dict[str, Any]]:
     return pq.read_table(exp / "leaderboard.parquet").to_pylist()
 
 
-def _report(args: Any, board: list[dict], full: list[dict], search: Any, asha_wall: float, full_wall: float) -> dict:
+def _report(
+    args: Any, board: list[dict], full: list[dict], search: Any, asha_wall: float, full_wall: float,
+    resumed: list[str],
+) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -283,7 +299,7 @@ def _report(args: Any, board: list[dict], full: list[dict], search: Any, asha_wa
         str(full_epochs),
         "1.00x",
         f"{full_best:.4f}",
-        f"{full_wall:.0f}",
+        f"{full_wall:.0f}" + (" (resumed run)" if "exhaustive" in resumed else ""),
         "0",
     )
     table.add_row(
@@ -291,7 +307,7 @@ def _report(args: Any, board: list[dict], full: list[dict], search: Any, asha_wa
         str(asha_epochs),
         f"{asha_epochs / full_epochs:.2f}x",
         f"{search.best_metric:.4f}",
-        f"{asha_wall:.0f}",
+        f"{asha_wall:.0f}" + (" (resumed run)" if "asha_tpe" in resumed else ""),
         str(stopped),
     )
     console = Console(width=160)
@@ -322,6 +338,7 @@ def _report(args: Any, board: list[dict], full: list[dict], search: Any, asha_wa
         "target_met": met,
         "asha_wall_s": asha_wall,
         "exhaustive_wall_s": full_wall,
+        "resumed_arms": resumed,  # their wall times cover the resumed invocation only
         "asha": board,
         "exhaustive": full,
     }
