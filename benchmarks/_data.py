@@ -83,10 +83,11 @@ def write_jpeg_folders(root: Path, num_images: int, side: int = 224, quality: in
 
 
 def prepare_dataset(num_images: int, side: int = 224, workdir: Path = DEFAULT_WORKDIR,
-                    val_fraction: float = 0.0, ffcv: bool = False) -> tuple[Path, str]:
+                    val_fraction: float = 0.0, ffcv: str | None = None) -> tuple[Path, str]:
     """Class folders of JPEGs and the cls-ray dataset ingested from them with the default ingest settings (so
     sources larger than ``ingest.max_side`` are stored downscaled), ``val_fraction`` of each class in ``val``
-    and the rest in ``train``; with ``ffcv``, FFCV .beton files beside the Parquet shards (``ingest.ffcv``).
+    and the rest in ``train``; with ``ffcv`` (an ``ingest.ffcv_write_mode``: raw, jpg or smart), FFCV .beton files
+    beside the Parquet shards (``ingest.ffcv``).
 
     Cached: a second call with the same arguments reuses both (a dataset with .beton files serves calls without).
 
@@ -102,11 +103,13 @@ def prepare_dataset(num_images: int, side: int = 224, workdir: Path = DEFAULT_WO
     stamp = base / "prepared.json"
     if stamp.exists():
         found = json.loads(stamp.read_text())
-        if {**found, "ffcv": found.get("ffcv", False)} in ({**key, "ffcv": ffcv}, {**key, "ffcv": True}):
+        mode = "smart" if found.get("ffcv") is True else found.get("ffcv") or None  # True: before modes were kept
+        if all(found.get(k) == v for k, v in key.items()) and ffcv in (None, mode):
             return folders, str(dataset)
     logger.info("writing %d %dpx JPEGs under %s and ingesting them", num_images, side, base)
     write_jpeg_folders(folders, num_images, side)
-    cfg = IngestConfig(val_fraction=val_fraction, test_fraction=0.0, overwrite=True, ffcv=ffcv)
+    cfg = IngestConfig(val_fraction=val_fraction, test_fraction=0.0, overwrite=True, ffcv=ffcv is not None,
+                       ffcv_write_mode=ffcv or "smart")
     ingest(str(folders), str(dataset), cfg, summary=False)
     stamp.write_text(json.dumps({**key, "ffcv": ffcv}))
     return folders, str(dataset)

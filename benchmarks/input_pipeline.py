@@ -10,7 +10,8 @@ Three runs side by side over the same images, on the same core count:
   uint8 batches) on a Ray instance with ``num_cpus`` = cores, consumed on the driver.
 * ``ffcv`` (optional, ``--runs ...,ffcv``): cls-ray's ``data.format=ffcv`` train loader
   (:class:`cls_ray.data.ffcv_format.FFCVTrainBatches`) over the split's .beton (written by ``ingest.ffcv``: the
-  same images, re-encoded as JPEG at ``ingest.jpeg_quality``), ``cores`` FFCV threads in one process.
+  same images, re-encoded as JPEG at ``ingest.jpeg_quality``, or with ``--ffcv-write-mode raw`` stored as decoded
+  pixels), ``cores`` FFCV threads in one process.
 
 Each run does ``--warmup-epochs`` untimed epochs (worker start-up, caches), then ``--epochs`` timed ones: images/s
 over wall time (including each epoch's ramp-up and the gaps between epochs) and images per CPU-second of the whole
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the consumer puts each batch (cuda: a host->device copy per batch)")
     p.add_argument("--runs", default="bare,imagefolder,cls_ray",
                    help="comma-separated subset of bare, imagefolder, cls_ray, ffcv to run")
+    p.add_argument("--ffcv-write-mode", default="smart", choices=["smart", "jpg", "raw"],
+                   help="the ffcv run's .beton: ingest.ffcv_write_mode (smart: JPEG for images over "
+                   "ingest.ffcv_smart_threshold pixels, raw pixels below; raw: decoded pixels, no decode at load)")
     p.add_argument("--shuffle", default="global", choices=["global", "local"], help="cls-ray's data.shuffle")
     p.add_argument("--workdir", type=Path, default=_data.DEFAULT_WORKDIR)
     p.add_argument("--object-store-mb", type=int, default=None,
@@ -224,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(runs) - {"bare", "imagefolder", "cls_ray", "ffcv"})
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from bare, imagefolder, cls_ray, ffcv")
-    folders, dataset_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir, ffcv="ffcv" in runs)
+    folders, dataset_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir,
+                                                 ffcv=args.ffcv_write_mode if "ffcv" in runs else None)
     results: dict[str, dict[str, float]] = {}
     for name in runs:
         logger.info("running %s", name)
