@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := dataset-fashion-mnist chromium libopencv-dev libturbojpeg0-dev pkg-config
-# GPU tests need a CUDA device; `make test-gpu` runs them on a machine that has one.
-PYTEST_ARGS ?= -m "not gpu"
+# GPU tests need a CUDA device; `make test-gpu` runs them on a machine that has one. The slowest tests are listed
+# at the end (CI budget: keep the whole run well under 30 minutes).
+PYTEST_ARGS ?= -m "not gpu" --durations=15
 
 .PHONY: setup demo test test-gpu lint format bench clean
 
