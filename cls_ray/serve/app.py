@@ -169,8 +169,11 @@ def _running_http_address(cfg: ServeConfig) -> tuple[str, int]:
 def _ensure_ray(detach: bool) -> None:
     from cls_ray.ray_connect import ensure_ray
 
+    if not detach:
+        ensure_ray()
+        return
     try:
-        ensure_ray(existing_cluster=detach)
+        ensure_ray(existing_cluster=True)
     except ConnectionError as exc:
         raise ConfigError(f"--detach needs a running Ray cluster to outlive this command ({exc}): start one with "
                           "`ray start --head` (or set RAY_ADDRESS), or serve without --detach") from exc
