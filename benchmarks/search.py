@@ -108,11 +108,12 @@ def run_exhaustive(data_uri: str, cfg: Any, configs: list[dict[str, Any]]) -> li
     from cls_ray.tune.leaderboard import result_config
     from cls_ray.tune.tuner import experiment_uri, make_trainable, trial_base_config
 
-    base = trial_base_config(cfg, experiment_uri(cfg))
+    exp = experiment_uri(cfg)
+    base = trial_base_config(cfg, exp)
     values = [{**c, "_index": i + 1} for i, c in enumerate(configs)]
-    fs, root = storage.resolve(cfg.tune.storage_path)
+    fs, path = storage.resolve(exp)
+    _, root = storage.resolve(cfg.tune.storage_path)
     trainable = make_trainable(data_uri, base, _exhaustive_trial)
-    path = f"{root.rstrip('/')}/{cfg.tune.experiment_name}"
     if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):  # an interrupted run: finished trials are kept
         tuner = ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, storage_filesystem=fs)
     else:
