@@ -10,16 +10,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cls_ray import storage
 from cls_ray.data.images import ImageDecodeError, decode_image
-from cls_ray.data.transforms import create_eval_transform, normalize, to_uint8_array
+from cls_ray.data.transforms import ImageTransform, create_image_transform, normalize
 from cls_ray.export import ModelPackage, load_model_package
 
 logger = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def preprocess_image(data: bytes, transform: Callable[[Image.Image], Any], max_pixels: int) -> np.ndarray:
+def preprocess_image(data: bytes, transform: ImageTransform, max_pixels: int) -> np.ndarray:
     """Decode untrusted image bytes and apply the model's eval transform: a uint8 CHW array.
 
     Raises:
@@ -36,7 +35,7 @@ def preprocess_image(data: bytes, transform: Callable[[Image.Image], Any], max_p
     """
     image, _ = decode_image(data, max_pixels)
     try:
-        return to_uint8_array(transform(image))
+        return transform(image)
     except (ValueError, OSError, MemoryError, ZeroDivisionError) as exc:
         # A decodable but degenerate image (e.g. one pixel wide after EXIF rotation) the resize cannot take.
         raise ImageDecodeError("unsupported", f"the image cannot be resized for the model: {exc}") from None
@@ -67,7 +66,7 @@ class Predictor:
         self.classes = list(package.classes)
         self.mean = list(package.data_config["mean"])
         self.std = list(package.data_config["std"])
-        self.transform = create_eval_transform(package.data_config)
+        self.transform = create_image_transform(package.data_config)
         on_cuda = self.device.type == "cuda"
         self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
         self.model = package.model.to(self.device, memory_format=self.memory_format).eval()

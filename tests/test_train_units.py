@@ -18,7 +18,12 @@ from safetensors.torch import load_file
 from cls_ray.config import ConfigError, load_config
 from cls_ray.data.images import decode_image
 from cls_ray.data.pipeline import BalancedResample, decode_stored_image
-from cls_ray.data.transforms import create_train_transform, pillow_safe_auto_augment
+from cls_ray.data.transforms import (
+    create_eval_transform,
+    create_image_transform,
+    create_train_transform,
+    pillow_safe_auto_augment,
+)
 from cls_ray.metrics import ClassificationMetrics
 from cls_ray.models import create_model, data_config_for, save_weights_file
 from cls_ray.train.components import SoftmaxFocalLoss, class_weights
@@ -214,7 +219,7 @@ def test_balanced_resample_equalises_classes():
 
 
 def test_fast_decode_is_pixel_identical_to_the_hardened_decoder():
-    checked = 0
+    checked = tensors = 0
     for path in sorted(p for p in PILLOW_IMAGES.rglob("*") if p.is_file()):
         data = path.read_bytes()
         try:
@@ -222,8 +227,14 @@ def test_fast_decode_is_pixel_identical_to_the_hardened_decoder():
         except ValueError:
             continue
         assert np.array_equal(np.asarray(decode_stored_image(data, 64_000_000)), reference), path.name
+        decoded = decode_stored_image(data, 64_000_000, as_tensor=True)
+        if isinstance(decoded, torch.Tensor):  # the short path: torchvision.io decodes
+            assert decoded.dtype == torch.uint8 and decoded.shape == (3, *reference.shape[:2]), path.name
+            assert np.array_equal(decoded.permute(1, 2, 0).numpy(), reference), path.name
+            tensors += 1
         checked += 1
     assert checked > 300
+    assert tensors > 50
 
 
 def test_randaugment_guard_keeps_posterize_valid():
@@ -275,3 +286,85 @@ def test_best_epoch_and_packaged_checkpoint_agree_on_ties(tmp_path, mode, scores
                               best_checkpoints=checkpoints)
     cfg = load_config(None, [f"train.metric={metric}", f"train.metric_mode={mode}"])
     assert _best_checkpoint(result, cfg).path.endswith(f"epoch-{expected}")
+
+
+def _pillow_photos(min_side: int = 64) -> list:
+    """Real photographs of several sizes from Pillow's test images, decoded to RGB."""
+    photos = []
+    for path in sorted(PILLOW_IMAGES.rglob("*.jpg")):
+        try:
+            image = decode_image(path.read_bytes(), 64_000_000)[0]
+        except ValueError:
+            continue
+        if min(image.size) >= min_side:
+            photos.append(image)
+    assert len(photos) >= 10
+    return photos
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_transform_on_tensors_matches_timm_on_pil(interpolation):
+    """Resize + center crop through torchvision's v2 kernels agree with timm's PIL pipeline to a level or two,
+    shrinking large photos and enlarging small ones alike."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    data_config = {"input_size": [3, 96, 96], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": interpolation,
+                   "crop_pct": 0.875, "crop_mode": "center"}
+    transform = create_image_transform(data_config)
+    assert transform.takes_tensors
+    pil = create_eval_transform(data_config)
+    sizes = set()
+    for photo in _pillow_photos():
+        expected = pil(photo).numpy().astype(np.int16)
+        for given in (photo, pil_to_tensor(photo)):
+            out = transform(given)
+            assert out.dtype == np.uint8 and out.shape == (3, 96, 96) and out.flags.c_contiguous
+            diff = np.abs(out.astype(np.int16) - expected)
+            assert diff.max() <= 2 and diff.mean() < 0.1
+        sizes.add(min(photo.size) > 110)
+    assert sizes == {True, False}  # both shrunk and enlarged
+
+
+def test_train_transform_on_tensors_keeps_timm_parameters():
+    from torchvision.transforms import v2
+    from torchvision.transforms.functional import pil_to_tensor
+
+    data_config = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                   "crop_pct": 1.0}
+    cfg = load_config(None, ["data.auto_augment=null", "data.color_jitter=0.3", "data.hflip=0.25",
+                             "data.scale=[0.3,0.9]"]).data
+    transform = create_image_transform(data_config, cfg)
+    ops = {type(op): op for op in transform.tensor_transform.transforms}
+    crop = ops[v2.RandomResizedCrop]
+    timm_crop = create_train_transform(data_config, cfg).transforms[0]
+    assert (crop.size, crop.scale, crop.ratio, crop.interpolation, crop.antialias) == (
+        timm_crop.size, timm_crop.scale, timm_crop.ratio, timm_crop.interpolation, True)
+    assert ops[v2.RandomHorizontalFlip].p == 0.25
+    jitter = ops[v2.ColorJitter]
+    assert jitter.brightness == jitter.contrast == jitter.saturation == pytest.approx((0.7, 1.3))
+    # The crop is random: every output has the configured size, and crops differ between calls.
+    photo = pil_to_tensor(_pillow_photos()[0])
+    torch.manual_seed(0)
+    outs = [transform(photo) for _ in range(4)]
+    assert all(o.shape == (3, 64, 64) and o.dtype == np.uint8 for o in outs)
+    assert not np.array_equal(outs[0], outs[1])
+    # Without randomness left (whole image, no flip, no jitter) it is timm's PIL output to a level or two.
+    fixed = load_config(None, ["data.auto_augment=null", "data.color_jitter=0", "data.hflip=0",
+                               "data.scale=[1,1]"]).data  # a whole square image: every sampled crop is it
+    square = _pillow_photos()[0].crop((0, 0, 64 * 2, 64 * 2))
+    diff = np.abs(create_image_transform(data_config, fixed)(square).astype(np.int16)
+                  - create_train_transform(data_config, fixed)(square).numpy())
+    assert diff.max() <= 2 and diff.mean() < 0.1
+
+
+def test_randaugment_keeps_timms_pil_pipeline():
+    from torchvision.transforms.functional import pil_to_tensor
+
+    data_config = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                   "crop_pct": 1.0}
+    transform = create_image_transform(data_config, load_config(None, ["data.auto_augment=rand-m9-n2"]).data)
+    assert not transform.takes_tensors  # RandAugment and random interpolation exist only for PIL in timm
+    photo = _pillow_photos()[0]
+    for given in (photo, pil_to_tensor(photo)):
+        out = transform(given)
+        assert out.shape == (3, 32, 32) and out.dtype == np.uint8

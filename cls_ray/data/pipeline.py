@@ -25,7 +25,7 @@ from cls_ray import storage
 from cls_ray.config import DataConfig
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.images import decode_image
-from cls_ray.data.transforms import create_eval_transform, create_train_transform, to_uint8_array
+from cls_ray.data.transforms import ImageTransform, create_image_transform
 
 if TYPE_CHECKING:
     import ray.data
@@ -49,18 +49,25 @@ _PLAIN_MODES = ("L", "RGB")
 _SLOW_PATH_KEYS = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif", "transparency")
 
 
-def decode_stored_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_stored_image(data: bytes, max_pixels: int, *, as_tensor: bool = False) -> Image.Image | torch.Tensor:
     """Decode one image of a dataset shard to RGB, pixel-identical to :func:`cls_ray.data.images.decode_image`.
 
     Ingest validated every stored image, so the common case (a plain grayscale or RGB PNG/JPEG without EXIF or
     XMP orientation and no transparency key) takes a short path (about 4x cheaper); anything else goes through the
-    full hardened decoder.
+    full hardened decoder. With ``as_tensor`` the short path decodes with ``torchvision.io`` (the same libjpeg-turbo
+    and libpng pixels) straight into a uint8 CHW tensor; the hardened path always returns a PIL image.
     """
     img = Image.open(io.BytesIO(data))
     plain = (img.format in ("PNG", "JPEG") and img.mode in _PLAIN_MODES and img.size[0] * img.size[1] <= max_pixels
              and not any(key in img.info for key in _SLOW_PATH_KEYS))
     if not plain:
         return decode_image(data, max_pixels)[0]
+    if as_tensor:
+        import torch
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_image as decode_to_tensor
+
+        return decode_to_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return img.convert("RGB")
 
 
@@ -83,11 +90,10 @@ class DecodeBatch:
         self.max_pixels = max_pixels
         self._transform = None
 
-    def _get_transform(self):
+    def _get_transform(self) -> ImageTransform:
         # Built lazily inside the task: timm transforms hold PIL/torch state that need not be pickled.
         if self._transform is None:
-            self._transform = (create_train_transform(self.data_config, self.data_cfg) if self.data_cfg
-                               else create_eval_transform(self.data_config))
+            self._transform = create_image_transform(self.data_config, self.data_cfg)
         return self._transform
 
     def __getstate__(self) -> dict[str, Any]:
@@ -95,10 +101,11 @@ class DecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         transform = self._get_transform()
-        images = [to_uint8_array(transform(decode_stored_image(data, self.max_pixels))) for data in batch["image"]]
-        size = self.data_config["input_size"]
-        stacked = np.stack(images) if images else np.zeros((0, *size), dtype=np.uint8)
-        return {"image": stacked, "label": np.asarray(batch["label"], dtype=np.int64)}
+        encoded = batch["image"]
+        images = np.empty((len(encoded), *self.data_config["input_size"]), dtype=np.uint8)
+        for row, data in enumerate(encoded):
+            images[row] = transform(decode_stored_image(data, self.max_pixels, as_tensor=transform.takes_tensors))
+        return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
 class BalancedResample:

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cls_ray.config import ConfigError, ServeConfig
 from cls_ray.data.images import ImageDecodeError
-from cls_ray.data.transforms import create_eval_transform
+from cls_ray.data.transforms import create_image_transform
 from cls_ray.export import load_model_package, read_package_meta
 from cls_ray.predict import Predictor, preprocess_image
 from cls_ray.serve.inputs import RequestError
@@ -111,7 +111,7 @@ class ClassifierIngress:
         self.classes: list[str] = list(self.meta["classes"])
         self.name = str(self.meta.get("name", self.meta["architecture"]))
         self.version = str(self.meta.get("version", "1"))
-        self.transform = create_eval_transform(self.meta["data_config"])
+        self.transform = create_image_transform(self.meta["data_config"])
         self.api_key = self._read_api_key()
 
     def _read_api_key(self) -> str | None:
