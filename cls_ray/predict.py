@@ -36,7 +36,7 @@ def preprocess_image(data: bytes, transform: ImageTransform, max_pixels: int) ->
     image, _ = decode_image(data, max_pixels)
     try:
         return transform(image)
-    except (ValueError, OSError, MemoryError, ZeroDivisionError) as exc:
+    except (ValueError, OSError, MemoryError, ZeroDivisionError, RuntimeError) as exc:  # RuntimeError: torch kernels
         # A decodable but degenerate image (e.g. one pixel wide after EXIF rotation) the resize cannot take.
         raise ImageDecodeError("unsupported", f"the image cannot be resized for the model: {exc}") from None
 
