@@ -19,7 +19,10 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as decode_to_tensor
 
 from cls_ray import storage
 from cls_ray.config import DataConfig
@@ -29,7 +32,6 @@ from cls_ray.data.transforms import ImageTransform, create_image_transform
 
 if TYPE_CHECKING:
     import ray.data
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +65,6 @@ def decode_stored_image(data: bytes, max_pixels: int, *, as_tensor: bool = False
     if not plain:
         return decode_image(data, max_pixels)[0]
     if as_tensor:
-        import torch
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_image as decode_to_tensor
-
         return decode_to_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return img.convert("RGB")
 
