@@ -109,7 +109,7 @@ def make_config(args: argparse.Namespace, storage_path: str):
 
 
 def preloaded_datasets(args: argparse.Namespace, num_classes: int) -> tuple[Any, Any]:
-    """Train and val Ray Datasets of synthetic uint8 NCHW images, materialised in the object store up front."""
+    """Train and val Ray Datasets of synthetic uint8 images (NHWC rows, as decoded ones), materialised up front."""
     import numpy as np
     import ray.data
 
@@ -118,7 +118,7 @@ def preloaded_datasets(args: argparse.Namespace, num_classes: int) -> tuple[Any,
     def synth(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(int(batch["id"][0]))
         n = len(batch["id"])
-        return {"image": rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8),
+        return {"image": rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),  # NHWC, as DecodeBatch
                 "label": rng.integers(0, classes, n).astype(np.int64)}
 
     rows = args.steps_per_epoch * args.batch_size * args.workers

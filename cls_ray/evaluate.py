@@ -27,7 +27,7 @@ import torch
 
 from cls_ray import storage
 from cls_ray.data import manifest as manifest_lib
-from cls_ray.data.pipeline import DecodeBatch
+from cls_ray.data.pipeline import DecodeBatch, as_nchw
 from cls_ray.data.transforms import normalize
 from cls_ray.export import PackageError, load_model_package
 from cls_ray.metrics import SCALAR_METRICS, ClassificationMetrics
@@ -79,7 +79,7 @@ def compute_metrics(model_uri: str, data_uri: str, split: str = "test",
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     package.model.to(memory_format=memory_format)
     for batch in _decoded(decode, _row_batches(data_uri, manifest, split, batch_size)):
-            images = torch.from_numpy(batch["image"]).to(device)
+            images = as_nchw(torch.from_numpy(batch["image"]).to(device))
             logits = package.model(normalize(images, mean, std).contiguous(memory_format=memory_format))
             metrics.update(logits, torch.tensor(batch["label"], device=device))
     return metrics.compute()

@@ -212,7 +212,7 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
             labels += batch["label"].tolist()
             shapes.add(batch["image"].shape[1:])
             assert batch["image"].dtype.name == "uint8"
-        assert shapes == {(3, 32, 32)}
+        assert shapes == {(32, 32, 3)}  # NHWC rows: the iterators hand out NCHW views
         return labels
 
     streamed = build_train_dataset(str(copy), manifest, data_config_for(cfg.model), replace(cfg.data, cache="never"),

@@ -19,6 +19,7 @@ from cls_ray.config import ConfigError, load_config
 from cls_ray.data.images import decode_image
 from cls_ray.data.pipeline import BalancedResample, decode_stored_image
 from cls_ray.data.transforms import (
+    RandomResizedCropUint8,
     create_eval_transform,
     create_image_transform,
     create_train_transform,
@@ -335,7 +336,7 @@ def test_train_transform_on_tensors_keeps_timm_parameters():
                              "data.scale=[0.3,0.9]"]).data
     transform = create_image_transform(data_config, cfg)
     ops = {type(op): op for op in transform.tensor_transform.transforms}
-    crop = ops[v2.RandomResizedCrop]
+    crop = ops[RandomResizedCropUint8]
     timm_crop = create_train_transform(data_config, cfg).transforms[0]
     assert (crop.size, crop.scale, crop.ratio, crop.interpolation, crop.antialias) == (
         timm_crop.size, timm_crop.scale, timm_crop.ratio, timm_crop.interpolation, True)
@@ -355,6 +356,51 @@ def test_train_transform_on_tensors_keeps_timm_parameters():
     diff = np.abs(create_image_transform(data_config, fixed)(square).astype(np.int16)
                   - create_train_transform(data_config, fixed)(square).numpy())
     assert diff.max() <= 2 and diff.mean() < 0.1
+
+
+def test_random_resized_crop_enlarges_in_opencv_like_timm_on_pil():
+    """Crops that only enlarge go through cv2.resize, the others through torchvision's antialiased kernel; both give
+    timm's PIL result for the same crop (crop, then bilinear resize) to within a level, and write NHWC rows."""
+    from unittest import mock
+
+    import cv2
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from cls_ray.data import transforms as transforms_mod
+
+    cfg = load_config(None, ["data.auto_augment=null", "data.color_jitter=0", "data.hflip=0"]).data
+    photos = _pillow_photos()
+    counts = {}
+    for side in (160, 48):  # most crops of the photos are enlarged to 160 px, shrunk to 48 px
+        data_config = {"input_size": [3, side, side], "mean": [0.5] * 3, "std": [0.5] * 3,
+                       "interpolation": "bilinear", "crop_pct": 1.0}
+        transform = create_image_transform(data_config, cfg)
+        crop = transform.tensor_transform.transforms[0]
+        assert type(crop) is RandomResizedCropUint8
+        enlarged = 0
+        with mock.patch.object(transforms_mod.cv2, "resize", wraps=cv2.resize) as cv_resize:
+            for photo in photos:
+                tensor = pil_to_tensor(photo)
+                for _ in range(3):
+                    params = crop.make_params([tensor])
+                    out = crop.transform(tensor, params).numpy()
+                    top, left, h, w = params["top"], params["left"], params["height"], params["width"]
+                    enlarged += h <= side and w <= side
+                    expected = np.asarray(photo.crop((left, top, left + w, top + h)).resize(
+                        (side, side), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+                    diff = np.abs(out.astype(np.int16) - expected)
+                    # OpenCV's 11-bit fixed-point weights round up to ~a fifth of the pixels the other way.
+                    assert out.shape == (3, side, side) and diff.max() <= 1 and diff.mean() < 0.3
+        assert cv_resize.call_count == enlarged
+        counts[side] = (enlarged, 3 * len(photos) - enlarged)
+        # A batch row written through a CHW view of an NHWC array holds the same pixels, channels last.
+        row = np.zeros((side, side, 3), dtype=np.uint8)
+        torch.manual_seed(1)
+        via_out = transform(photos[0], out=row.transpose(2, 0, 1))
+        torch.manual_seed(1)
+        assert np.array_equal(row, transform(photos[0]).transpose(1, 2, 0)) and via_out.base is row
+    assert counts[160][0] > counts[160][1] and counts[48][1] > counts[48][0]  # both paths, many times each
 
 
 def test_randaugment_keeps_timms_pil_pipeline():

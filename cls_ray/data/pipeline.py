@@ -3,8 +3,10 @@
 The driver builds one lazy :class:`ray.data.Dataset` per split (:func:`build_train_dataset`,
 :func:`build_eval_dataset`); Ray Train splits them across its workers, and every worker pulls batches with
 :func:`iter_train_batches` / :func:`iter_eval_batches`. Decoding and augmentation run in Ray Data tasks that scale
-apart from the training workers; workers receive uint8 NCHW tensors and normalise them on their own device
-(:func:`cls_ray.data.transforms.normalize`), so CPU tasks ship 4x fewer bytes than float tensors.
+apart from the training workers; workers receive uint8 tensors and normalise them on their own device
+(:func:`cls_ray.data.transforms.normalize`), so CPU tasks ship 4x fewer bytes than float tensors. Decoded rows are
+stored channels-last (NHWC: decoders and OpenCV produce HWC pixels, so no transposing copy per image); the
+iterators hand out NCHW views of them, which are ``torch.channels_last`` tensors at no cost.
 
 Each epoch re-executes the dataset, so the train split is reshuffled (and, with balanced sampling, resampled) every
 epoch. Only the ``image`` and ``label`` columns are read, and splits that fit are read once and kept in Ray's object
@@ -16,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,7 +73,10 @@ def decode_stored_image(data: bytes, max_pixels: int, *, as_tensor: bool = False
 
 
 class DecodeBatch:
-    """Ray Data batch UDF: encoded ``image`` bytes -> uint8 NCHW ``image`` array through one timm transform.
+    """Ray Data batch UDF: encoded ``image`` bytes -> uint8 NHWC ``image`` array through one timm transform.
+
+    Channels-last because the pixels are HWC all the way from the decoder (see :func:`as_nchw` for the consumer's
+    view); the transform writes each row through a CHW view of it.
 
     The same class decodes evaluation batches outside Ray (``cls-ray evaluate``), so evaluation inputs are
     byte-identical to those of validation during training.
@@ -100,9 +106,11 @@ class DecodeBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         transform = self._get_transform()
         encoded = batch["image"]
-        images = np.empty((len(encoded), *self.data_config["input_size"]), dtype=np.uint8)
+        channels, height, width = self.data_config["input_size"]
+        images = np.empty((len(encoded), height, width, channels), dtype=np.uint8)
         for row, data in enumerate(encoded):
-            images[row] = transform(decode_stored_image(data, self.max_pixels, as_tensor=transform.takes_tensors))
+            image = decode_stored_image(data, self.max_pixels, as_tensor=transform.takes_tensors)
+            transform(image, out=images[row].transpose(2, 0, 1))
         return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
@@ -228,26 +236,34 @@ def _decode(ds: ray.data.Dataset, fn: DecodeBatch, cfg: DataConfig, block_rows: 
                           udf_modifying_row_count=False)
 
 
+def as_nchw(images: torch.Tensor) -> torch.Tensor:
+    """A batch of :class:`DecodeBatch` rows (NHWC) as the NCHW tensor models take: a view, ``torch.channels_last``."""
+    return images.permute(0, 3, 1, 2)
+
+
+def _nchw(batches: Any) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in batches:
+        batch["image"] = as_nchw(batch["image"])
+        yield batch
+
+
 def iter_train_batches(shard: ray.data.DataIterator, cfg: DataConfig,
-                       device: torch.device) -> Any:
+                       device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Full uint8 batches of one worker's train shard on ``device``: ``{"image": NCHW uint8, "label": int64}``.
 
     ``drop_last`` keeps every DDP rank at the same number of equally sized steps (Ray Train splits the train
     dataset into equal shards).
     """
-    import torch
-
-    return shard.iter_torch_batches(
+    return _nchw(shard.iter_torch_batches(
         batch_size=cfg.batch_size, drop_last=True, device=device, prefetch_batches=cfg.prefetch_batches,
         dtypes={"image": torch.uint8, "label": torch.int64},
         local_shuffle_buffer_size=cfg.local_shuffle_buffer if cfg.shuffle == "local" else None,
-    )
+    ))
 
 
-def iter_eval_batches(shard: ray.data.DataIterator, cfg: DataConfig, device: torch.device) -> Any:
-    """Every row of one worker's evaluation shard, in batches of ``cfg.eval_batch_size``."""
-    import torch
-
-    return shard.iter_torch_batches(batch_size=cfg.eval_batch_size, drop_last=False, device=device,
-                                    prefetch_batches=cfg.prefetch_batches,
-                                    dtypes={"image": torch.uint8, "label": torch.int64})
+def iter_eval_batches(shard: ray.data.DataIterator, cfg: DataConfig,
+                      device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Every row of one worker's evaluation shard, in batches of ``cfg.eval_batch_size`` (NCHW, as above)."""
+    return _nchw(shard.iter_torch_batches(batch_size=cfg.eval_batch_size, drop_last=False, device=device,
+                                          prefetch_batches=cfg.prefetch_batches,
+                                          dtypes={"image": torch.uint8, "label": torch.int64}))

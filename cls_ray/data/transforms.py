@@ -5,8 +5,9 @@ normalisation (mean/std) happens on the worker's device with :func:`normalize`, 
 
 timm's factory decides what is done (:func:`create_train_transform`, :func:`create_eval_transform`);
 :class:`ImageTransform` decides how: the ops timm composed, run by torchvision's ``transforms.v2`` kernels on uint8
-tensors wherever each op has one (2-3x faster than Pillow's resize, within 1-2 levels of it per pixel), and timm's
-own PIL pipeline otherwise (RandAugment, random interpolation).
+tensors wherever each op has one (2-3x faster than Pillow's resize, within 1-2 levels of it per pixel), with
+OpenCV's resize for the crops RandomResizedCrop enlarges (:class:`RandomResizedCropUint8`), and timm's own PIL
+pipeline otherwise (RandAugment, random interpolation).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -81,7 +83,7 @@ def create_train_transform(data_config: dict[str, Any], cfg: DataConfig) -> Call
 def to_uint8_array(tensor_or_array: Any) -> np.ndarray:
     """A transform's output as a contiguous uint8 CHW array."""
     if isinstance(tensor_or_array, torch.Tensor):
-        return tensor_or_array.numpy().astype(np.uint8, copy=False)
+        tensor_or_array = tensor_or_array.numpy()  # a strided view where the tensor is one: copied once, below
     return np.ascontiguousarray(tensor_or_array, dtype=np.uint8)
 
 
@@ -90,6 +92,27 @@ def normalize(batch: torch.Tensor, mean: list[float], std: list[float]) -> torch
     mean_t = torch.tensor([m * 255 for m in mean], device=batch.device).view(1, -1, 1, 1)
     std_t = torch.tensor([s * 255 for s in std], device=batch.device).view(1, -1, 1, 1)
     return (batch.float() - mean_t) / std_t
+
+
+class RandomResizedCropUint8(v2.RandomResizedCrop):
+    """``v2.RandomResizedCrop`` (same parameters, same draws) whose bilinear enlargements run in OpenCV.
+
+    A crop no larger than the output in either direction is only enlarged, where antialiasing does nothing:
+    ``cv2.resize(INTER_LINEAR)`` on the decoded HWC pixels then gives Pillow's bilinear result to within one level
+    in about a third of the time of torch's uint8 kernel (~50 vs ~150 us for 224 px here). Crops that shrink
+    in either direction, other interpolations and other inputs take torchvision's antialiased kernel as before.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if (self.interpolation == v2.InterpolationMode.BILINEAR and type(inpt) is torch.Tensor
+                and inpt.dtype == torch.uint8 and inpt.ndim == 3 and inpt.device.type == "cpu"
+                and params["height"] <= self.size[0] and params["width"] <= self.size[1]):
+            top, left, height, width = params["top"], params["left"], params["height"], params["width"]
+            # decode_image returns a CHW view of HWC pixels: this permute is free, the crop a view of it.
+            hwc = np.ascontiguousarray(inpt.permute(1, 2, 0).numpy())[top : top + height, left : left + width]
+            out = cv2.resize(hwc, (self.size[1], self.size[0]), interpolation=cv2.INTER_LINEAR)
+            return torch.from_numpy(out.reshape(*self.size, -1)).permute(2, 0, 1)
+        return super().transform(inpt, params)
 
 
 def tensor_transform(transform: Callable[[Any], Any]) -> v2.Compose | None:
@@ -109,8 +132,8 @@ def tensor_transform(transform: Callable[[Any], Any]) -> v2.Compose | None:
         if isinstance(op, RandomResizedCropAndInterpolation):
             if not isinstance(op.interpolation, tv1.InterpolationMode):
                 return None  # a random choice of interpolation per image
-            out.append(v2.RandomResizedCrop(op.size, scale=op.scale, ratio=op.ratio, interpolation=op.interpolation,
-                                            antialias=True))
+            out.append(RandomResizedCropUint8(op.size, scale=op.scale, ratio=op.ratio,
+                                              interpolation=op.interpolation, antialias=True))
         elif type(op) is tv1.RandomHorizontalFlip:
             out.append(v2.RandomHorizontalFlip(op.p))
         elif type(op) is tv1.RandomVerticalFlip:
@@ -146,14 +169,21 @@ class ImageTransform:
     def takes_tensors(self) -> bool:
         return self.tensor_transform is not None
 
-    def __call__(self, image: Image.Image | torch.Tensor) -> np.ndarray:
+    def __call__(self, image: Image.Image | torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+        """The transformed image as a uint8 CHW array; written into ``out`` (e.g. a row of a batch) when given."""
         if self.tensor_transform is not None:
             if isinstance(image, Image.Image):
                 image = pil_to_tensor(image)
-            return to_uint8_array(self.tensor_transform(image).contiguous())
-        if isinstance(image, torch.Tensor):
-            image = v2.functional.to_pil_image(image)
-        return to_uint8_array(self.pil_transform(image))
+            result = self.tensor_transform(image).numpy()  # maybe a strided view: copied once, into the output
+        else:
+            if isinstance(image, torch.Tensor):
+                image = v2.functional.to_pil_image(image)
+            result = self.pil_transform(image)
+            result = result.numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
+        if out is None:
+            return np.ascontiguousarray(result, dtype=np.uint8)
+        np.copyto(out, result)
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.tensor_transform if self.takes_tensors else self.pil_transform})"
