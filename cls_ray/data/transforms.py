@@ -174,15 +174,14 @@ class ImageTransform:
         if self.tensor_transform is not None:
             if isinstance(image, Image.Image):
                 image = pil_to_tensor(image)
-            result = self.tensor_transform(image).numpy()  # maybe a strided view: copied once, into the output
+            result = self.tensor_transform(image)  # maybe a strided view: copied once, into the output
         else:
             if isinstance(image, torch.Tensor):
                 image = v2.functional.to_pil_image(image)
             result = self.pil_transform(image)
-            result = result.numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
         if out is None:
-            return np.ascontiguousarray(result, dtype=np.uint8)
-        np.copyto(out, result)
+            return to_uint8_array(result)
+        np.copyto(out, result.numpy() if isinstance(result, torch.Tensor) else result)
         return out
 
     def __repr__(self) -> str:
