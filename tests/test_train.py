@@ -208,10 +208,13 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
 
     def epoch(ds) -> list[int]:
         labels, shapes = [], set()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            labels += batch["label"].tolist()
-            shapes.add(batch["image"].shape[1:])
-            assert batch["image"].dtype.name == "uint8"
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # each decoded block as it is
+            # One decode call per block: one contiguous chunk, which the workers' batcher slices without copying.
+            assert block["image"].num_chunks == 1
+            images = block["image"].chunk(0).to_numpy()
+            labels += block["label"].to_pylist()
+            shapes.add(images.shape[1:])
+            assert images.dtype.name == "uint8"
         assert shapes == {(32, 32, 3)}  # NHWC rows: the iterators hand out NCHW views
         return labels
 

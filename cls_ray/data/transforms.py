@@ -12,6 +12,7 @@ pipeline otherwise (RandAugment, random interpolation).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -95,24 +96,47 @@ def normalize(batch: torch.Tensor, mean: list[float], std: list[float]) -> torch
 
 
 class RandomResizedCropUint8(v2.RandomResizedCrop):
-    """``v2.RandomResizedCrop`` (same parameters, same draws) whose bilinear enlargements run in OpenCV.
+    """``v2.RandomResizedCrop`` with timm's crop draws, whose bilinear enlargements run in OpenCV.
 
+    The crop box comes from timm's own sampler (``RandomResizedCropAndInterpolation.get_params``, Python's
+    ``random``): the same draws as timm's PIL pipeline, in ~3 us instead of ~18 us for torchvision's torch-RNG ones.
     A crop no larger than the output in either direction is only enlarged, where antialiasing does nothing:
     ``cv2.resize(INTER_LINEAR)`` on the decoded HWC pixels then gives Pillow's bilinear result to within one level
     in about a third of the time of torch's uint8 kernel (~50 vs ~150 us for 224 px here). Crops that shrink
     in either direction, other interpolations and other inputs take torchvision's antialiased kernel as before.
     """
 
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        top, left, height, width = RandomResizedCropAndInterpolation.get_params(flat_inputs[0], self.scale, self.ratio)
+        return {"top": top, "left": left, "height": height, "width": width}
+
+    def _opencv_crop(self, inpt: Any, params: dict[str, Any]) -> np.ndarray | None:
+        """The crop as an HWC array view when OpenCV resizes it (see the class docstring), else None."""
         if (self.interpolation == v2.InterpolationMode.BILINEAR and type(inpt) is torch.Tensor
                 and inpt.dtype == torch.uint8 and inpt.ndim == 3 and inpt.device.type == "cpu"
                 and params["height"] <= self.size[0] and params["width"] <= self.size[1]):
             top, left, height, width = params["top"], params["left"], params["height"], params["width"]
             # decode_image returns a CHW view of HWC pixels: this permute is free, the crop a view of it.
-            hwc = np.ascontiguousarray(inpt.permute(1, 2, 0).numpy())[top : top + height, left : left + width]
-            out = cv2.resize(hwc, (self.size[1], self.size[0]), interpolation=cv2.INTER_LINEAR)
-            return torch.from_numpy(out.reshape(*self.size, -1)).permute(2, 0, 1)
-        return super().transform(inpt, params)
+            return np.ascontiguousarray(inpt.permute(1, 2, 0).numpy())[top : top + height, left : left + width]
+        return None
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        crop = self._opencv_crop(inpt, params)
+        if crop is None:
+            return super().transform(inpt, params)
+        out = cv2.resize(crop, (self.size[1], self.size[0]), interpolation=cv2.INTER_LINEAR)
+        return torch.from_numpy(out.reshape(*self.size, -1)).permute(2, 0, 1)
+
+    def write(self, image: torch.Tensor, out: np.ndarray) -> None:
+        """Crop and resize a uint8 CHW ``image`` straight into ``out``, a uint8 HWC array of the output size."""
+        params = self.make_params([image])
+        crop = self._opencv_crop(image, params)
+        if crop is not None:
+            written = cv2.resize(crop, (self.size[1], self.size[0]), dst=out, interpolation=cv2.INTER_LINEAR)
+            if written is not out:  # OpenCV allocated a new array: a single-channel crop comes back 2-D
+                np.copyto(out, written.reshape(*written.shape[:2], -1))
+        else:
+            np.copyto(out, super().transform(image, params).permute(1, 2, 0).numpy())
 
 
 def tensor_transform(transform: Callable[[Any], Any]) -> v2.Compose | None:
@@ -157,6 +181,11 @@ class ImageTransform:
     Takes a decoded RGB image either as a PIL image or as a uint8 CHW tensor (``torchvision.io.decode_image``);
     :attr:`takes_tensors` tells a decoder which one saves a conversion.
 
+    The common train pipeline, a random resized crop with or without a horizontal flip, runs its two ops directly
+    instead of through ``v2.Compose``, whose per-call dispatch (flattening inputs, querying sizes, the flip's RNG
+    tensor) cost more than the crop's own resize; the crop is resized into the output row and flipped in place there
+    (~80 us per 224 px image instead of ~170 us). Same ops, same parameters, same pixels.
+
     Args:
         transform: A transform from :func:`create_train_transform` or :func:`create_eval_transform`.
     """
@@ -164,6 +193,11 @@ class ImageTransform:
     def __init__(self, transform: Callable[[Image.Image], Any]):
         self.pil_transform = transform
         self.tensor_transform = tensor_transform(transform)
+        self._crop, self._hflip = None, 0.0
+        ops = self.tensor_transform.transforms if self.tensor_transform is not None else []
+        if ops and type(ops[0]) is RandomResizedCropUint8 and all(type(op) is v2.RandomHorizontalFlip
+                                                                   for op in ops[1:2]) and len(ops) <= 2:
+            self._crop, self._hflip = ops[0], ops[1].p if len(ops) == 2 else 0.0
 
     @property
     def takes_tensors(self) -> bool:
@@ -174,6 +208,8 @@ class ImageTransform:
         if self.tensor_transform is not None:
             if isinstance(image, Image.Image):
                 image = pil_to_tensor(image)
+            if self._crop is not None:
+                return self._crop_flip(image, out)
             result = self.tensor_transform(image)  # maybe a strided view: copied once, into the output
         else:
             if isinstance(image, torch.Tensor):
@@ -182,6 +218,21 @@ class ImageTransform:
         if out is None:
             return to_uint8_array(result)
         np.copyto(out, result.numpy() if isinstance(result, torch.Tensor) else result)
+        return out
+
+    def _crop_flip(self, image: torch.Tensor, out: np.ndarray | None) -> np.ndarray:
+        height, width = self._crop.size
+        # A CHW view of a contiguous HWC row (DecodeBatch's rows) is written in place; anything else via a buffer.
+        direct = out is not None and out.transpose(1, 2, 0).flags.c_contiguous
+        hwc = out.transpose(1, 2, 0) if direct else np.empty((height, width, image.shape[0]), dtype=np.uint8)
+        self._crop.write(image, hwc)
+        if self._hflip and random.random() < self._hflip:
+            cv2.flip(hwc, 1, dst=hwc)
+        if direct:
+            return out
+        if out is None:
+            return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+        np.copyto(out, hwc.transpose(2, 0, 1))
         return out
 
     def __repr__(self) -> str:
