@@ -135,8 +135,8 @@ class RandomResizedCropUint8(v2.RandomResizedCrop):
             written = cv2.resize(crop, (self.size[1], self.size[0]), dst=out, interpolation=cv2.INTER_LINEAR)
             if written is not out:  # OpenCV allocated a new array: a single-channel crop comes back 2-D
                 np.copyto(out, written.reshape(*written.shape[:2], -1))
-        else:
-            np.copyto(out, super().transform(image, params).permute(1, 2, 0).numpy())
+        else:  # torchvision returns a contiguous CHW crop: torch's copy transposes it ~3-5x faster than numpy's
+            torch.from_numpy(out).copy_(super().transform(image, params).permute(1, 2, 0))
 
 
 def tensor_transform(transform: Callable[[Any], Any]) -> v2.Compose | None:
@@ -217,7 +217,12 @@ class ImageTransform:
             result = self.pil_transform(image)
         if out is None:
             return to_uint8_array(result)
-        np.copyto(out, result.numpy() if isinstance(result, torch.Tensor) else result)
+        if isinstance(result, torch.Tensor):
+            # Into a CHW view of an HWC row: a transposition when the result is contiguous CHW (torchvision's kernels
+            # on a crop), which torch's copy does in ~80 us and numpy's in ~200-370 us at 224 px.
+            torch.from_numpy(out).copy_(result)
+        else:
+            np.copyto(out, result)
         return out
 
     def _crop_flip(self, image: torch.Tensor, out: np.ndarray | None) -> np.ndarray:
