@@ -195,8 +195,7 @@ class ImageTransform:
         self.tensor_transform = tensor_transform(transform)
         self._crop, self._hflip = None, 0.0
         ops = self.tensor_transform.transforms if self.tensor_transform is not None else []
-        if ops and type(ops[0]) is RandomResizedCropUint8 and all(type(op) is v2.RandomHorizontalFlip
-                                                                   for op in ops[1:2]) and len(ops) <= 2:
+        if [type(op) for op in ops] in ([RandomResizedCropUint8], [RandomResizedCropUint8, v2.RandomHorizontalFlip]):
             self._crop, self._hflip = ops[0], ops[1].p if len(ops) == 2 else 0.0
 
     @property
