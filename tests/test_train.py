@@ -199,6 +199,8 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
 
     # ~4 blocks per cluster CPU (4 here), within [64, 1024] rows: small splits still feed every CPU.
     assert (decode_block_rows(700), decode_block_rows(8000), decode_block_rows(10**6)) == (64, 500, 1024)
+    # ...and at most one target-sized block (128 MiB) of decoded rows: one decode call writes a whole block.
+    assert [decode_block_rows(10**6, 3 * side * side) for side in (32, 224, 512)] == [1024, 891, 170]
 
     copy = tmp_path / "digits"
     shutil.copytree(digits_dataset, copy)

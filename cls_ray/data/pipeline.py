@@ -137,12 +137,20 @@ class BalancedResample:
         return {key: np.repeat(np.asarray(values), repeats, axis=0) for key, values in batch.items()}
 
 
-def decode_block_rows(num_rows: int) -> int:
-    """Rows per block of a split of ``num_rows`` rows on the current cluster (see :data:`BLOCKS_PER_CPU`)."""
+def decode_block_rows(num_rows: int, row_bytes: int = 0) -> int:
+    """Rows per block of a split of ``num_rows`` rows on the current cluster (see :data:`BLOCKS_PER_CPU`).
+
+    With ``row_bytes`` (one decoded row), also no more rows than fit in Ray Data's target block size: one decode
+    call writes a whole block, so this bounds a decode task's memory (e.g. 891 rows at 224 px, 170 at 512 px).
+    """
     import ray
+    from ray.data import DataContext
 
     cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
-    return int(min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, math.ceil(num_rows / (BLOCKS_PER_CPU * cpus)))))
+    rows = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, math.ceil(num_rows / (BLOCKS_PER_CPU * cpus))))
+    if row_bytes:
+        rows = min(rows, max(1, DataContext.get_current().target_max_block_size // row_bytes))
+    return int(rows)
 
 
 def read_split(data_uri: str, manifest: dict[str, Any], split: str, *, cache: str = "never",
@@ -196,7 +204,7 @@ def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: di
     import ray.data
 
     rows = manifest["splits"]["train"]["num_rows"]
-    block_rows = decode_block_rows(rows)
+    block_rows = decode_block_rows(rows, math.prod(data_config["input_size"]))
     ds = read_split(data_uri, manifest, "train", cache=cfg.cache, block_rows=block_rows)
     if cfg.balanced_sampling:
         counts = manifest["splits"]["train"]["class_counts"]
@@ -213,7 +221,7 @@ def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: di
 def build_eval_dataset(data_uri: str, manifest: dict[str, Any], split: str, data_config: dict[str, Any],
                        cfg: DataConfig, *, max_pixels: int = 64_000_000) -> ray.data.Dataset:
     """A validation or test split: decode + resize + center crop, in manifest order, no augmentation."""
-    block_rows = decode_block_rows(manifest["splits"][split]["num_rows"])
+    block_rows = decode_block_rows(manifest["splits"][split]["num_rows"], math.prod(data_config["input_size"]))
     ds = read_split(data_uri, manifest, split, cache=cfg.cache, block_rows=block_rows)
     return _decode(ds, DecodeBatch(data_config, None, max_pixels), cfg)
 
@@ -231,7 +239,8 @@ def _decode(ds: ray.data.Dataset, fn: DecodeBatch, cfg: DataConfig) -> ray.data.
     # several calls). Each decoded block is then one contiguous array: the training worker's batcher cuts batches
     # out of it as zero-copy slices. A block built from several calls' outputs has one Arrow chunk per call, and Ray
     # Data's batcher first concatenates such a block into one chunk, copying every decoded pixel once more on the
-    # consumer (~50 us per 224 px image, half of a 2-core run's consumer CPU). Blocks are at most BLOCK_ROWS rows.
+    # consumer (~50 us per 224 px image, half of a 2-core run's consumer CPU). Blocks are at most BLOCK_ROWS rows and
+    # Ray Data's target block size decoded (decode_block_rows).
     return ds.map_batches(fn, batch_format="numpy", batch_size=None,
                           num_cpus=cfg.decode_cpus,
                           compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
