@@ -238,6 +238,67 @@ def test_fast_decode_is_pixel_identical_to_the_hardened_decoder():
     assert tensors > 50
 
 
+def _jpeg_variants() -> dict[str, bytes]:
+    import io
+
+    import cv2
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(131), np.arange(97))[..., None] * np.array([1, 2, 3])
+    pixels = np.clip(ramp % 256 + rng.integers(-30, 30, (131, 97, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+
+    def save(img, **kwargs) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85, **kwargs)
+        return buf.getvalue()
+
+    variants = {f"{sub}{' progressive' if prog else ''}": save(image, subsampling=sub, progressive=prog)
+                for sub in ("4:4:4", "4:2:2", "4:2:0") for prog in (False, True)}
+    variants["4:4:0"] = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                      cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440])[1].tobytes()
+    variants["restart markers"] = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_RST_INTERVAL, 2])[1].tobytes()
+    variants["grayscale"] = save(image.convert("L"))
+    for orientation in (1, 6):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        variants[f"exif orientation {orientation}"] = save(image, exif=exif)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>')
+    variants["xmp orientation 8"] = save(image, xmp=xmp)
+    variants["cmyk"] = save(image.convert("CMYK"))
+    return variants
+
+
+def test_plain_jpegs_decode_without_pillow_to_pillows_pixels(monkeypatch):
+    # Every chroma subsampling, progressive and restart-marker JPEGs and grayscale go straight to libjpeg-turbo;
+    # rotated (EXIF or XMP) and CMYK ones to the hardened decoder. Both give decode_image's pixels exactly.
+    import cls_ray.data.pipeline as pipeline
+
+    variants = _jpeg_variants()
+    references = {name: np.asarray(decode_image(data, 64_000_000)[0]) for name, data in variants.items()}
+    assert references["exif orientation 6"].shape == references["xmp orientation 8"].shape == (97, 131, 3)
+    for name, data in variants.items():
+        decoded = decode_stored_image(data, 64_000_000, as_tensor=True)
+        got = decoded.permute(1, 2, 0).numpy() if isinstance(decoded, torch.Tensor) else np.asarray(decoded)
+        assert np.array_equal(got, references[name]), name
+        assert np.array_equal(np.asarray(decode_stored_image(data, 64_000_000)), references[name]), name
+
+    def no_pillow(*args, **kwargs):
+        raise AssertionError("Image.open called")
+
+    monkeypatch.setattr(pipeline.Image, "open", no_pillow)
+    plain = [name for name in variants if name.startswith(("4:", "restart", "grayscale"))]
+    assert len(plain) == 9
+    for name in plain:
+        decoded = decode_stored_image(variants[name], 64_000_000, as_tensor=True)
+        assert decoded.shape == (3, 131, 97), name
+        assert np.array_equal(decoded.permute(1, 2, 0).numpy(), references[name]), name
+    with pytest.raises(AssertionError, match="Image.open called"):  # a pixel count over the limit is not plain
+        decode_stored_image(variants["4:2:0"], 131 * 97 - 1)
+
+
 def test_randaugment_guard_keeps_posterize_valid():
     from PIL import Image
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode
@@ -50,16 +51,47 @@ CACHE_FRACTION = 0.2
 """``data.cache=auto`` caches a split whose shards take at most this fraction of the cluster's object store."""
 _PLAIN_MODES = ("L", "RGB")
 _SLOW_PATH_KEYS = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif", "transparency")
+_JPEG_COLORSPACES = ("YCbCr", "Gray")
+"""JPEG colour spaces that libjpeg-turbo converts to RGB exactly as Pillow does (CMYK, YCCK and Adobe RGB JPEGs
+take the hardened decoder)."""
+_ORIENTATION_MARKERS = (b"Exif\x00\x00", b"http://ns.adobe.com/xap/1.0/")
+"""Byte strings an EXIF (APP1) or XMP segment, where Pillow reads an orientation from, must contain."""
+
+
+def _decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """HWC RGB pixels of a YCbCr or grayscale JPEG with no orientation to apply, or None for anything else.
+
+    libjpeg-turbo through simplejpeg, with the same accurate DCT and fancy upsampling as Pillow (the same pixels),
+    in about 60% of the time of ``torchvision.io`` and without parsing the file in Python first (``Image.open``
+    costs ~35 us per image). Only a file that carries EXIF or XMP bytes is opened with Pillow, to read its
+    orientation; a rotated or mirrored one is left to the hardened decoder, which applies it.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _JPEG_COLORSPACES or height * width > max_pixels:
+            return None
+        if any(marker in data for marker in _ORIENTATION_MARKERS):
+            with Image.open(io.BytesIO(data)) as img:
+                if img.getexif().get(0x0112, 1) not in (None, 0, 1):
+                    return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except (ValueError, OSError, SyntaxError):
+        return None  # the hardened decoder says what is wrong with it
 
 
 def decode_stored_image(data: bytes, max_pixels: int, *, as_tensor: bool = False) -> Image.Image | torch.Tensor:
     """Decode one image of a dataset shard to RGB, pixel-identical to :func:`cls_ray.data.images.decode_image`.
 
-    Ingest validated every stored image, so the common case (a plain grayscale or RGB PNG/JPEG without EXIF or
-    XMP orientation and no transparency key) takes a short path (about 4x cheaper); anything else goes through the
-    full hardened decoder. With ``as_tensor`` the short path decodes with ``torchvision.io`` (the same libjpeg-turbo
-    and libpng pixels) straight into a uint8 CHW tensor; the hardened path always returns a PIL image.
+    Ingest validated every stored image, so the common cases take a short path: plain JPEGs
+    (:func:`_decode_plain_jpeg`), then plain grayscale or RGB PNGs without orientation or transparency, which
+    ``torchvision.io`` decodes; anything else goes through the full hardened decoder. With ``as_tensor`` a short
+    path returns a uint8 CHW tensor (a view of HWC pixels); the hardened path always returns a PIL image.
     """
+    pixels = _decode_plain_jpeg(data, max_pixels)
+    if pixels is not None:
+        return torch.from_numpy(pixels).permute(2, 0, 1) if as_tensor else Image.fromarray(pixels, "RGB")
     img = Image.open(io.BytesIO(data))
     plain = (img.format in ("PNG", "JPEG") and img.mode in _PLAIN_MODES and img.size[0] * img.size[1] <= max_pixels
              and not any(key in img.info for key in _SLOW_PATH_KEYS))
