@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -198,9 +199,15 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
     from cls_ray.models import data_config_for
 
     # ~4 blocks per cluster CPU (4 here), within [64, 1024] rows: small splits still feed every CPU.
-    assert (decode_block_rows(700), decode_block_rows(8000), decode_block_rows(10**6)) == (64, 500, 1024)
-    # ...and at most one target-sized block (128 MiB) of decoded rows: one decode call writes a whole block.
-    assert [decode_block_rows(10**6, 3 * side * side) for side in (32, 224, 512)] == [1024, 891, 170]
+    assert (decode_block_rows(700), decode_block_rows(8000), decode_block_rows(10**6)) == (64, 500, 1021)
+    # ...and at most one target-sized block (128 MiB) of decoded rows (891 at 224 px, 170 at 512): one decode call
+    # writes a whole block. Block counts are whole rounds on the 4 CPUs: 16,000 rows at 224 px are 20 blocks of 800
+    # rows, not 18 of 891 (whose last round would leave two CPUs idle).
+    assert [decode_block_rows(10**6, 3 * side * side) for side in (32, 224, 512)] == [1021, 890, 170]
+    assert decode_block_rows(16_000, 3 * 224 * 224) == 800
+    for rows in (5_000, 16_000, 123_457, 10**6):
+        block_rows = decode_block_rows(rows, 3 * 224 * 224)
+        assert block_rows <= 891 and math.ceil(rows / block_rows) % 4 == 0, rows
 
     copy = tmp_path / "digits"
     shutil.copytree(digits_dataset, copy)

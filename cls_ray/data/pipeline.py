@@ -62,7 +62,7 @@ def _decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
     """HWC RGB pixels of a YCbCr or grayscale JPEG with no orientation to apply, or None for anything else.
 
     libjpeg-turbo through simplejpeg, with the same accurate DCT and fancy upsampling as Pillow (the same pixels),
-    in about 60% of the time of ``torchvision.io`` and without parsing the file in Python first (``Image.open``
+    in about two thirds of the time of ``torchvision.io`` and without parsing the file in Python first (``Image.open``
     costs ~35 us per image). Only a file that carries EXIF or XMP bytes is opened with Pillow, to read its
     orientation; a rotated or mirrored one is left to the hardened decoder, which applies it.
     """
@@ -174,15 +174,21 @@ def decode_block_rows(num_rows: int, row_bytes: int = 0) -> int:
 
     With ``row_bytes`` (one decoded row), also no more rows than fit in Ray Data's target block size: one decode
     call writes a whole block, so this bounds a decode task's memory (e.g. 891 rows at 224 px, 170 at 512 px).
+
+    The rows are then evened out so that the block count is a multiple of the CPUs (unless that makes blocks
+    smaller than :data:`MIN_BLOCK_ROWS`): decode tasks run in whole rounds, and the last round does not leave
+    CPUs idle while one block decodes alone (8,000 rows at 224 px on 2 CPUs: 10 blocks of 800 rows, not 9 of 891).
     """
     import ray
     from ray.data import DataContext
 
-    cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, math.ceil(num_rows / (BLOCKS_PER_CPU * cpus))))
     if row_bytes:
         rows = min(rows, max(1, DataContext.get_current().target_max_block_size // row_bytes))
-    return int(rows)
+    whole_rounds = math.ceil(math.ceil(num_rows / rows) / cpus) * cpus
+    even = math.ceil(num_rows / whole_rounds)
+    return int(even if even >= min(rows, MIN_BLOCK_ROWS) else rows)
 
 
 def read_split(data_uri: str, manifest: dict[str, Any], split: str, *, cache: str = "never",
