@@ -16,7 +16,7 @@ from conftest import PILLOW_IMAGES, free_port
 from safetensors.torch import load_file
 
 from cls_ray.config import ConfigError, load_config
-from cls_ray.data.images import decode_image
+from cls_ray.data.images import ImageDecodeError, decode_image
 from cls_ray.data.pipeline import BalancedResample, decode_stored_image
 from cls_ray.data.transforms import (
     RandomResizedCropUint8,
@@ -297,6 +297,13 @@ def test_plain_jpegs_decode_without_pillow_to_pillows_pixels(monkeypatch):
         assert np.array_equal(decoded.permute(1, 2, 0).numpy(), references[name]), name
     with pytest.raises(AssertionError, match="Image.open called"):  # a pixel count over the limit is not plain
         decode_stored_image(variants["4:2:0"], 131 * 97 - 1)
+    monkeypatch.undo()
+    # A truncated file (libjpeg-turbo's warnings are errors in simplejpeg; torchvision.io raises a RuntimeError) is
+    # refused by the hardened decoder, with its reason.
+    for as_tensor in (True, False):
+        with pytest.raises(ImageDecodeError) as refused:
+            decode_stored_image(variants["4:2:0"][:-100], 64_000_000, as_tensor=as_tensor)
+        assert refused.value.reason == "corrupt"
 
 
 def test_randaugment_guard_keeps_posterize_valid():

@@ -77,8 +77,8 @@ def _decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
                 if img.getexif().get(0x0112, 1) not in (None, 0, 1):
                     return None
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except (ValueError, OSError, SyntaxError):
-        return None  # the hardened decoder says what is wrong with it
+    except Exception:  # noqa: BLE001 - a truncated file, a malformed EXIF block...: the hardened decoder says what
+        return None
 
 
 def decode_stored_image(data: bytes, max_pixels: int, *, as_tensor: bool = False) -> Image.Image | torch.Tensor:
@@ -86,20 +86,23 @@ def decode_stored_image(data: bytes, max_pixels: int, *, as_tensor: bool = False
 
     Ingest validated every stored image, so the common cases take a short path: plain JPEGs
     (:func:`_decode_plain_jpeg`), then plain grayscale or RGB PNGs without orientation or transparency, which
-    ``torchvision.io`` decodes; anything else goes through the full hardened decoder. With ``as_tensor`` a short
-    path returns a uint8 CHW tensor (a view of HWC pixels); the hardened path always returns a PIL image.
+    ``torchvision.io`` decodes; anything else, or a file a short path fails on, goes through the full hardened
+    decoder (which raises :class:`~cls_ray.data.images.ImageDecodeError` naming the problem). With ``as_tensor`` a
+    short path returns a uint8 CHW tensor (a view of HWC pixels); the hardened path always returns a PIL image.
     """
     pixels = _decode_plain_jpeg(data, max_pixels)
     if pixels is not None:
         return torch.from_numpy(pixels).permute(2, 0, 1) if as_tensor else Image.fromarray(pixels, "RGB")
-    img = Image.open(io.BytesIO(data))
-    plain = (img.format in ("PNG", "JPEG") and img.mode in _PLAIN_MODES and img.size[0] * img.size[1] <= max_pixels
-             and not any(key in img.info for key in _SLOW_PATH_KEYS))
-    if not plain:
-        return decode_image(data, max_pixels)[0]
-    if as_tensor:
-        return decode_to_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return img.convert("RGB")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if (img.format in ("PNG", "JPEG") and img.mode in _PLAIN_MODES and img.size[0] * img.size[1] <= max_pixels
+                and not any(key in img.info for key in _SLOW_PATH_KEYS)):
+            if as_tensor:
+                return decode_to_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return img.convert("RGB")
+    except Exception:  # noqa: BLE001 - a truncated or corrupt file: the hardened decoder names what is wrong
+        pass
+    return decode_image(data, max_pixels)[0]
 
 
 class DecodeBatch:
