@@ -116,7 +116,7 @@ class RandomResizedCropUint8(v2.RandomResizedCrop):
                 and inpt.dtype == torch.uint8 and inpt.ndim == 3 and inpt.device.type == "cpu"
                 and params["height"] <= self.size[0] and params["width"] <= self.size[1]):
             top, left, height, width = params["top"], params["left"], params["height"], params["width"]
-            # decode_image returns a CHW view of HWC pixels: this permute is free, the crop a view of it.
+            # decode_stored_image returns a CHW view of HWC pixels: this permute is free, the crop a view of it.
             return np.ascontiguousarray(inpt.permute(1, 2, 0).numpy())[top : top + height, left : left + width]
         return None
 
@@ -182,7 +182,7 @@ def tensor_transform(transform: Callable[[Any], Any]) -> v2.Compose | None:
 class ImageTransform:
     """One image -> uint8 CHW array through a timm transform: on tensors where :func:`tensor_transform` can, else PIL.
 
-    Takes a decoded RGB image either as a PIL image or as a uint8 CHW tensor (``torchvision.io.decode_image``);
+    Takes a decoded RGB image either as a PIL image or as a uint8 CHW tensor (as ``decode_stored_image`` returns);
     :attr:`takes_tensors` tells a decoder which one saves a conversion.
 
     The common train pipeline, a random resized crop with or without a horizontal flip, runs its two ops directly
