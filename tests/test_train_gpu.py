@@ -8,8 +8,9 @@ import torch
 
 from cls_ray.config import load_config
 from cls_ray.models import data_config_for
+from cls_ray.train.spec import RunSpec
 from cls_ray.train.state import Progress
-from cls_ray.train.step import RunSpec, build_worker, train_one_epoch, validate
+from cls_ray.train.step import build_worker, train_one_epoch, validate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -16,8 +16,9 @@ from conftest import PILLOW_IMAGES, free_port
 from safetensors.torch import load_file
 
 from cls_ray.config import ConfigError, load_config
+from cls_ray.data.decode import decode_stored_image
 from cls_ray.data.images import ImageDecodeError, decode_image
-from cls_ray.data.pipeline import BalancedResample, decode_stored_image
+from cls_ray.data.pipeline import BalancedResample
 from cls_ray.data.transforms import (
     RandomResizedCropUint8,
     create_eval_transform,
@@ -28,8 +29,9 @@ from cls_ray.data.transforms import (
 from cls_ray.metrics import ClassificationMetrics
 from cls_ray.models import create_model, data_config_for, save_weights_file
 from cls_ray.train.components import SoftmaxFocalLoss, class_weights
+from cls_ray.train.spec import RunSpec
 from cls_ray.train.state import Progress, capture_rng_state, load_train_state, save_train_state
-from cls_ray.train.step import RunSpec, build_worker, train_one_epoch, train_step
+from cls_ray.train.step import build_worker, train_one_epoch, train_step
 
 CLASSES = [f"c{i}" for i in range(4)]
 
@@ -274,7 +276,7 @@ def _jpeg_variants() -> dict[str, bytes]:
 def test_plain_jpegs_decode_without_pillow_to_pillows_pixels(monkeypatch):
     # Every chroma subsampling, progressive and restart-marker JPEGs and grayscale go straight to libjpeg-turbo;
     # rotated (EXIF or XMP) and CMYK ones to the hardened decoder. Both give decode_image's pixels exactly.
-    import cls_ray.data.pipeline as pipeline
+    import cls_ray.data.decode as decode
 
     variants = _jpeg_variants()
     references = {name: np.asarray(decode_image(data, 64_000_000)[0]) for name, data in variants.items()}
@@ -288,7 +290,7 @@ def test_plain_jpegs_decode_without_pillow_to_pillows_pixels(monkeypatch):
     def no_pillow(*args, **kwargs):
         raise AssertionError("Image.open called")
 
-    monkeypatch.setattr(pipeline.Image, "open", no_pillow)
+    monkeypatch.setattr(decode.Image, "open", no_pillow)
     plain = [name for name in variants if name.startswith(("4:", "restart", "grayscale"))]
     assert len(plain) == 9
     for name in plain:

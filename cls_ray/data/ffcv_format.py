@@ -63,7 +63,7 @@ class SpoolImages:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        from cls_ray.data.pipeline import decode_stored_image
+        from cls_ray.data.decode import decode_stored_image
 
         offset, length, label = self.entries[index]
         image = decode_stored_image(os.pread(self.fd, length, offset), self.max_pixels)

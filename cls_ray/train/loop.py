@@ -23,8 +23,9 @@ import torch.distributed as dist
 from cls_ray import storage
 from cls_ray.config import Config
 from cls_ray.data.pipeline import iter_eval_batches, iter_train_batches
+from cls_ray.train.spec import RunSpec
 from cls_ray.train.state import Progress, capture_rng_state, load_train_state, save_train_state
-from cls_ray.train.step import RunSpec, Worker, build_worker, distribute_bn_stats, train_one_epoch, validate
+from cls_ray.train.step import Worker, build_worker, distribute_bn_stats, train_one_epoch, validate
 
 logger = logging.getLogger(__name__)
 

@@ -23,26 +23,8 @@ from cls_ray.data.transforms import normalize
 from cls_ray.metrics import ClassificationMetrics
 from cls_ray.models import create_model, set_train_mode
 from cls_ray.train import components as C
+from cls_ray.train.spec import RunSpec
 from cls_ray.train.state import Progress, TrainObjects
-
-
-@dataclass
-class RunSpec:
-    """What the driver resolved once for every worker: the dataset's facts and where the run lives."""
-
-    classes: list[str]
-    class_counts: list[int]
-    """Train rows per label (class-weighted loss)."""
-    data_config: dict[str, Any]
-    """timm data config of the model (mean/std for on-device normalisation)."""
-    run_uri: str
-    """``{storage_path}/{run_name}``: holds the checkpoints and :data:`HISTORY_FILE`."""
-    updates_per_epoch: int
-    """Optimizer updates per epoch on each worker (per-update LR schedules)."""
-    train_beton_uri: str | None = None
-    """``data.format=ffcv``: the train split's .beton, which every worker reads itself."""
-    dataset_digest: str = ""
-    """The manifest's digest (keys the per-node copy of a .beton on S3)."""
 
 
 @dataclass

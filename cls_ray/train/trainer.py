@@ -26,8 +26,9 @@ from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
 from cls_ray.ray_connect import ensure_ray
 from cls_ray.train.loop import HISTORY_FILE, train_loop_per_worker
+from cls_ray.train.spec import RunSpec
+from cls_ray.train.splits import EvalSplitsExact
 from cls_ray.train.state import read_package_weights, read_progress
-from cls_ray.train.step import RunSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,26 +47,6 @@ class TrainResult:
     metrics: dict[str, float]
     """Metrics of the best checkpoint (by ``train.metric``)."""
     checkpoint_uri: str
-
-
-class _EvalSplitsExact(ray.train.DataConfig):
-    """Train is split into equal shards (every DDP rank takes the same number of steps); evaluation splits are
-    split without dropping rows, so validation metrics cover every image exactly once."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        # Ray Train V2 configures one dataset at a time, the first time the workers ask for its shard.
-        output = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            if name == "train":
-                parts = super().configure({name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)
-                for i, part in enumerate(parts):
-                    output[i].update(part)
-                continue
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                output[i][name] = split
-        return output
 
 
 def _check_metric(cfg: Config) -> None:
@@ -188,7 +169,7 @@ def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: st
         train_loop_per_worker, train_loop_config={"cfg": cfg, "spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
-        run_config=run_config, datasets=datasets, dataset_config=_EvalSplitsExact(),
+        run_config=run_config, datasets=datasets, dataset_config=EvalSplitsExact(),
     )
 
 
