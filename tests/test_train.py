@@ -281,3 +281,33 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
     assert first != second  # a fresh shuffle each epoch
     with pytest.raises(Exception, match="train"):
         epoch(streamed)  # the streamed split reads its (now missing) shards every epoch
+
+
+def test_runs_given_shared_splits_read_no_shards_unless_they_block_them_differently(ray_cluster, digits_dataset,
+                                                                                    tmp_path):
+    # A search reads the train and val splits once and hands them to every trial (cls_ray.tune.tuner).
+    from collections import Counter
+    from dataclasses import replace
+
+    from cls_ray.data.pipeline import build_eval_dataset, build_train_dataset, read_shared_splits
+    from cls_ray.models import data_config_for
+
+    copy = tmp_path / "digits"
+    shutil.copytree(digits_dataset, copy)
+    manifest = read_manifest(str(copy))
+    cfg = load_config(None, FAST)
+    data, data_config = replace(cfg.data, cache="always"), data_config_for(cfg.model)
+    shared = read_shared_splits(str(copy), manifest, ("train", "val"), data_config, data)
+    assert set(shared) == {"train", "val"}
+    shutil.rmtree(copy / "train")  # from here on, a run that reads a split's shards fails
+    shutil.rmtree(copy / "val")
+
+    for split, ds in (("train", build_train_dataset(str(copy), manifest, data_config, data, seed=1, shared=shared)),
+                      ("val", build_eval_dataset(str(copy), manifest, "val", data_config, data, shared=shared))):
+        labels = [label for batch in ds.iter_batches(batch_size=None) for label in batch["label"]]
+        assert Counter(labels) == Counter(dict(enumerate(manifest["splits"][split]["class_counts"]))), split
+    # A model taking 1024 px rows needs smaller blocks (at most Ray Data's target block size decoded): that run
+    # reads the split itself, and here finds its shards gone.
+    large = {**data_config, "input_size": (3, 1024, 1024)}
+    with pytest.raises(Exception, match="train"):
+        build_train_dataset(str(copy), manifest, large, data, seed=1, shared=shared)

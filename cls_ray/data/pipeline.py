@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -169,6 +170,47 @@ def read_split(data_uri: str, manifest: dict[str, Any], split: str, *, cache: st
     return ds
 
 
+@dataclass(frozen=True)
+class SharedSplit:
+    """A split's encoded rows as :func:`read_split` returned them (cached in the object store, or lazy), read once
+    and handed to several runs on the same cluster: the trials of a search take them instead of each reading and
+    caching the shards again (seconds of start-up per trial, and one cached copy per running trial).
+
+    A run takes it only for the same dataset and the same rows per block (:func:`decode_block_rows` of its own
+    input size); otherwise it reads the split itself.
+    """
+
+    data_uri: str
+    split: str
+    block_rows: int
+    dataset: ray.data.Dataset
+
+
+def _split_block_rows(manifest: dict[str, Any], split: str, data_config: dict[str, Any]) -> int:
+    return decode_block_rows(manifest["splits"][split]["num_rows"], math.prod(data_config["input_size"]))
+
+
+def read_shared_splits(data_uri: str, manifest: dict[str, Any], splits: tuple[str, ...],
+                       data_config: dict[str, Any], cfg: DataConfig) -> dict[str, SharedSplit]:
+    """Read ``splits`` once for the runs to come (see :class:`SharedSplit`), blocked for ``data_config``'s input
+    size and cached as ``cfg.cache`` says."""
+    out = {}
+    for split in splits:
+        block_rows = _split_block_rows(manifest, split, data_config)
+        ds = read_split(data_uri, manifest, split, cache=cfg.cache, block_rows=block_rows)
+        out[split] = SharedSplit(data_uri, split, block_rows, ds)
+    return out
+
+
+def _encoded_rows(data_uri: str, manifest: dict[str, Any], split: str, data_config: dict[str, Any],
+                  cfg: DataConfig, shared: Mapping[str, SharedSplit] | None) -> ray.data.Dataset:
+    block_rows = _split_block_rows(manifest, split, data_config)
+    hit = (shared or {}).get(split)
+    if hit is not None and (hit.data_uri, hit.split, hit.block_rows) == (data_uri, split, block_rows):
+        return hit.dataset
+    return read_split(data_uri, manifest, split, cache=cfg.cache, block_rows=block_rows)
+
+
 def _fits_object_store(filesystem: Any, paths: list[str], what: str) -> bool:
     import ray
 
@@ -181,18 +223,18 @@ def _fits_object_store(filesystem: Any, paths: list[str], what: str) -> bool:
 
 
 def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: dict[str, Any], cfg: DataConfig,
-                        *, seed: int = 0, max_pixels: int = 64_000_000) -> ray.data.Dataset:
+                        *, seed: int = 0, max_pixels: int = 64_000_000,
+                        shared: Mapping[str, SharedSplit] | None = None) -> ray.data.Dataset:
     """The train split: (balanced resample) -> shuffle -> decode + augment, re-run every epoch.
 
     With ``cfg.shuffle == "global"`` the encoded rows get a full shuffle seeded by ``seed`` and the epoch index
     (reproducible, different each epoch); with ``"local"`` the block order is shuffled here and each worker
-    shuffles a buffer of decoded rows (:func:`iter_train_batches`).
+    shuffles a buffer of decoded rows (:func:`iter_train_batches`). ``shared["train"]``, when it fits this run
+    (:class:`SharedSplit`), replaces reading the shards.
     """
     import ray.data
 
-    rows = manifest["splits"]["train"]["num_rows"]
-    block_rows = decode_block_rows(rows, math.prod(data_config["input_size"]))
-    ds = read_split(data_uri, manifest, "train", cache=cfg.cache, block_rows=block_rows)
+    ds = _encoded_rows(data_uri, manifest, "train", data_config, cfg, shared)
     if cfg.balanced_sampling:
         counts = manifest["splits"]["train"]["class_counts"]
         ds = ds.map_batches(BalancedResample(counts), batch_format="numpy", batch_size=None, num_cpus=cfg.decode_cpus)
@@ -206,10 +248,11 @@ def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: di
 
 
 def build_eval_dataset(data_uri: str, manifest: dict[str, Any], split: str, data_config: dict[str, Any],
-                       cfg: DataConfig, *, max_pixels: int = 64_000_000) -> ray.data.Dataset:
-    """A validation or test split: decode + resize + center crop, in manifest order, no augmentation."""
-    block_rows = decode_block_rows(manifest["splits"][split]["num_rows"], math.prod(data_config["input_size"]))
-    ds = read_split(data_uri, manifest, split, cache=cfg.cache, block_rows=block_rows)
+                       cfg: DataConfig, *, max_pixels: int = 64_000_000,
+                       shared: Mapping[str, SharedSplit] | None = None) -> ray.data.Dataset:
+    """A validation or test split: decode + resize + center crop, in manifest order, no augmentation
+    (``shared[split]`` as in :func:`build_train_dataset`)."""
+    ds = _encoded_rows(data_uri, manifest, split, data_config, cfg, shared)
     return _decode(ds, DecodeBatch(data_config, None, max_pixels), cfg)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from cls_ray import storage
 from cls_ray.config import Config, ConfigError, to_dict, with_absolute_paths, write_resolved
 from cls_ray.data import manifest as manifest_lib
-from cls_ray.data.pipeline import build_eval_dataset, build_train_dataset
+from cls_ray.data.pipeline import SharedSplit, build_eval_dataset, build_train_dataset
 from cls_ray.export import save_model_package
 from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
@@ -141,21 +142,22 @@ def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
 
 
 def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: str,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, shared: Mapping[str, SharedSplit] | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for one run at ``{storage_path}/{run_name}``; validates everything first.
 
     Every worker reports once per epoch (keys in :data:`REPORT_METRICS`, the latest validation metrics carried
     along); evaluation epochs carry a checkpoint, kept best-``train.keep_checkpoints`` by ``train.metric``.
+    ``shared`` holds splits read once for several runs (a search's trials; :class:`SharedSplit`).
     """
     manifest, spec = validate_run(data_uri, cfg)
     spec.run_uri = storage.join(storage_path, run_name)
     filesystem, path = storage.resolve(storage_path)
     max_pixels = cfg.ingest.max_pixels
     datasets = {"val": build_eval_dataset(data_uri, manifest, "val", spec.data_config, cfg.data,
-                                          max_pixels=max_pixels)}
+                                          max_pixels=max_pixels, shared=shared)}
     if spec.train_beton_uri is None:  # data.format=ffcv: every worker reads the train .beton itself
         datasets["train"] = build_train_dataset(data_uri, manifest, spec.data_config, cfg.data, seed=cfg.train.seed,
-                                                max_pixels=max_pixels)
+                                                max_pixels=max_pixels, shared=shared)
     t = cfg.train
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks or None,

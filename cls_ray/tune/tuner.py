@@ -89,8 +89,9 @@ def trial_base_config(cfg: Config, exp_uri: str) -> Config:
     return trial_config(cfg, {"train.epochs": cfg.tune.max_epochs, "train.storage_path": runs}, "tune")
 
 
-def run_trial(config: dict[str, Any], data_uri: str, base: Config) -> None:
-    """One Tune trial: build the trial's Config from the sampled values and run it as a Ray Train run."""
+def run_trial(config: dict[str, Any], data_uri: str, base: Config, shared: dict[str, Any] | None = None) -> None:
+    """One Tune trial: build the trial's Config from the sampled values and run it as a Ray Train run, on the
+    splits the search read once (``shared``: :func:`cls_ray.data.pipeline.read_shared_splits`) where they fit."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cls_ray.train.trainer import build_trainer
@@ -101,7 +102,8 @@ def run_trial(config: dict[str, Any], data_uri: str, base: Config) -> None:
     name = ray_tune.get_context().get_trial_name()
     cfg = trial_config(base, {**config, "train.run_name": name}, f"trial {name}")
     trainer = build_trainer(
-        data_uri, cfg, storage_path=cfg.train.storage_path, run_name=name, callbacks=[TuneReportCallback()]
+        data_uri, cfg, storage_path=cfg.train.storage_path, run_name=name, callbacks=[TuneReportCallback()],
+        shared=shared,
     )
     trainer.fit()
 
@@ -187,27 +189,45 @@ def build_scheduler(cfg: Config) -> Any:
     )
 
 
-def make_trainable(data_uri: str, base: Config, fn: Any = None) -> Any:
-    """The Tune trainable: ``fn`` (default :func:`run_trial`) bound to the dataset and base config, with the trial
-    driver's near-zero resource request (:data:`DRIVER_RESOURCES`)."""
-    bound = ray_tune.with_parameters(fn or run_trial, data_uri=data_uri, base=base)
+def make_trainable(data_uri: str, base: Config, fn: Any = None, shared: dict[str, Any] | None = None) -> Any:
+    """The Tune trainable: ``fn`` (default :func:`run_trial`) bound to the dataset and base config (and, when given,
+    the ``shared`` splits), with the trial driver's near-zero resource request (:data:`DRIVER_RESOURCES`)."""
+    params = {"data_uri": data_uri, "base": base, **({"shared": shared} if shared is not None else {})}
+    bound = ray_tune.with_parameters(fn or run_trial, **params)
     return ray_tune.with_resources(bound, DRIVER_RESOURCES)
 
 
+def read_trial_splits(data_uri: str, base: Config) -> dict[str, Any]:
+    """The dataset's train and val splits, read (and cached, as ``data.cache`` says) once for every trial.
+
+    Each trial would otherwise list, read and cache them itself before its workers start (~10 s per trial on a
+    2-core machine, and one cached copy per running trial). Blocked for the base config's input size; a trial whose
+    model takes another size reads its own (:class:`cls_ray.data.pipeline.SharedSplit`).
+    """
+    from cls_ray.data.manifest import read_manifest
+    from cls_ray.data.pipeline import read_shared_splits
+    from cls_ray.models import data_config_for
+
+    splits = ("val",) if base.data.format == "ffcv" else ("train", "val")  # FFCV workers read the train .beton
+    return read_shared_splits(data_uri, read_manifest(data_uri), splits, data_config_for(base.model), base.data)
+
+
 def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) -> ray_tune.Tuner:
-    """A new Tuner for the experiment, or the restored one when the experiment already exists."""
+    """A new Tuner for the experiment, or the restored one when the experiment already exists; its trials share
+    the splits read here (:func:`read_trial_splits`)."""
     from ray.tune.logger import TBXLoggerCallback
 
     exp = experiment_uri(cfg)
     fs, exp_path = storage.resolve(exp)
     _, root_path = storage.resolve(cfg.tune.storage_path)
-    trainable = make_trainable(data_uri, base)
-    if ray_tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        if not cfg.tune.resume:
-            raise TuneError(
-                f"experiment {exp} already exists and tune.resume is false: pick another "
-                "tune.experiment_name or set tune.resume=true to continue it"
-            )
+    restore = ray_tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    if restore and not cfg.tune.resume:
+        raise TuneError(
+            f"experiment {exp} already exists and tune.resume is false: pick another "
+            "tune.experiment_name or set tune.resume=true to continue it"
+        )
+    trainable = make_trainable(data_uri, base, shared=read_trial_splits(data_uri, base))
+    if restore:
         logger.info("resuming experiment %s (finished trials are kept, unfinished ones continue)", exp)
         return ray_tune.Tuner.restore(
             exp_path, trainable, resume_unfinished=True, resume_errored=cfg.tune.resume_errored, storage_filesystem=fs
