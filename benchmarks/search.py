@@ -90,10 +90,10 @@ def write_fashion_mnist_subset(root: Path, per_class: int) -> Path:
     return root
 
 
-def _exhaustive_trial(config: dict[str, Any], data_uri: str, base: Any) -> None:
+def _exhaustive_trial(config: dict[str, Any], data_uri: str, base: Any, shared: Any = None) -> None:
     from cls_ray.tune.tuner import run_trial
 
-    run_trial({k: v for k, v in config["values"].items() if k != "_index"}, data_uri, base)
+    run_trial({k: v for k, v in config["values"].items() if k != "_index"}, data_uri, base, shared)
 
 
 def _exhaustive_name(trial: Any) -> str:
@@ -106,14 +106,15 @@ def run_exhaustive(data_uri: str, cfg: Any, configs: list[dict[str, Any]]) -> li
 
     from cls_ray import storage
     from cls_ray.tune.leaderboard import result_config
-    from cls_ray.tune.tuner import experiment_uri, make_trainable, trial_base_config
+    from cls_ray.tune.tuner import experiment_uri, make_trainable, read_trial_splits, trial_base_config
 
     exp = experiment_uri(cfg)
     base = trial_base_config(cfg, exp)
     values = [{**c, "_index": i + 1} for i, c in enumerate(configs)]
     fs, path = storage.resolve(exp)
     _, root = storage.resolve(cfg.tune.storage_path)
-    trainable = make_trainable(data_uri, base, _exhaustive_trial)
+    # The splits read once for every trial, as the search arm's trials get them (cls_ray.tune.tuner.build_tuner).
+    trainable = make_trainable(data_uri, base, _exhaustive_trial, shared=read_trial_splits(data_uri, base))
     if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):  # an interrupted run: finished trials are kept
         tuner = ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, storage_filesystem=fs)
     else:
