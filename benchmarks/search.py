@@ -114,7 +114,8 @@ def run_exhaustive(data_uri: str, cfg: Any, configs: list[dict[str, Any]]) -> li
     fs, path = storage.resolve(exp)
     _, root = storage.resolve(cfg.tune.storage_path)
     # The splits read once for every trial, as the search arm's trials get them (cls_ray.tune.tuner.build_tuner).
-    trainable = make_trainable(data_uri, base, _exhaustive_trial, shared=read_trial_splits(data_uri, base))
+    shared = read_trial_splits(data_uri, base, configs[0])
+    trainable = make_trainable(data_uri, base, _exhaustive_trial, shared=shared)
     if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):  # an interrupted run: finished trials are kept
         tuner = ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, storage_filesystem=fs)
     else:

@@ -197,19 +197,28 @@ def make_trainable(data_uri: str, base: Config, fn: Any = None, shared: dict[str
     return ray_tune.with_resources(bound, DRIVER_RESOURCES)
 
 
-def read_trial_splits(data_uri: str, base: Config) -> dict[str, Any]:
+def first_architecture_values(space: SearchSpace) -> dict[str, Any]:
+    """The Config values every trial of the space's first architecture gets (its sampled parameters aside)."""
+    arch = space.architectures[0]
+    fam = space.family_of(arch)
+    return {**space.fixed, **fam.fixed, **fam.architectures[arch], ARCH_PARAM: arch}
+
+
+def read_trial_splits(data_uri: str, base: Config, values: dict[str, Any]) -> dict[str, Any]:
     """The dataset's train and val splits, read (and cached, as ``data.cache`` says) once for every trial.
 
     Each trial would otherwise list, read and cache them itself before its workers start (~10 s per trial on a
-    2-core machine, and one cached copy per running trial). Blocked for the base config's input size; a trial whose
-    model takes another size reads its own (:class:`cls_ray.data.pipeline.SharedSplit`).
+    2-core machine, and one cached copy per running trial). Blocked for the input size of the trial config that
+    ``values`` make of ``base``; a trial whose model takes another size reads its own
+    (:class:`cls_ray.data.pipeline.SharedSplit`).
     """
     from cls_ray.data.manifest import read_manifest
     from cls_ray.data.pipeline import read_shared_splits
     from cls_ray.models import data_config_for
 
-    splits = ("val",) if base.data.format == "ffcv" else ("train", "val")  # FFCV workers read the train .beton
-    return read_shared_splits(data_uri, read_manifest(data_uri), splits, data_config_for(base.model), base.data)
+    cfg = trial_config(base, values, "the search's first trial")
+    splits = ("val",) if cfg.data.format == "ffcv" else ("train", "val")  # FFCV workers read the train .beton
+    return read_shared_splits(data_uri, read_manifest(data_uri), splits, data_config_for(cfg.model), cfg.data)
 
 
 def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) -> ray_tune.Tuner:
@@ -226,7 +235,8 @@ def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) ->
             f"experiment {exp} already exists and tune.resume is false: pick another "
             "tune.experiment_name or set tune.resume=true to continue it"
         )
-    trainable = make_trainable(data_uri, base, shared=read_trial_splits(data_uri, base))
+    shared = read_trial_splits(data_uri, base, first_architecture_values(space))
+    trainable = make_trainable(data_uri, base, shared=shared)
     if restore:
         logger.info("resuming experiment %s (finished trials are kept, unfinished ones continue)", exp)
         return ray_tune.Tuner.restore(
