@@ -181,7 +181,6 @@ class SharedSplit:
     """
 
     data_uri: str
-    split: str
     block_rows: int
     dataset: ray.data.Dataset
 
@@ -198,7 +197,7 @@ def read_shared_splits(data_uri: str, manifest: dict[str, Any], splits: tuple[st
     for split in splits:
         block_rows = _split_block_rows(manifest, split, data_config)
         ds = read_split(data_uri, manifest, split, cache=cfg.cache, block_rows=block_rows)
-        out[split] = SharedSplit(data_uri, split, block_rows, ds)
+        out[split] = SharedSplit(data_uri, block_rows, ds)
     return out
 
 
@@ -206,7 +205,7 @@ def _encoded_rows(data_uri: str, manifest: dict[str, Any], split: str, data_conf
                   cfg: DataConfig, shared: Mapping[str, SharedSplit] | None) -> ray.data.Dataset:
     block_rows = _split_block_rows(manifest, split, data_config)
     hit = (shared or {}).get(split)
-    if hit is not None and (hit.data_uri, hit.split, hit.block_rows) == (data_uri, split, block_rows):
+    if hit is not None and (hit.data_uri, hit.block_rows) == (data_uri, block_rows):
         return hit.dataset
     return read_split(data_uri, manifest, split, cache=cfg.cache, block_rows=block_rows)
 

@@ -119,6 +119,12 @@ class SearchSpace:
                 return fam
         raise KeyError(architecture)
 
+    def fixed_values(self, architecture: str) -> dict[str, Any]:
+        """The Config values every trial of ``architecture`` gets whatever is sampled: the space's fixed values, its
+        family's and its own, and ``model.name`` (what :meth:`__call__` returns, less the sampled parameters)."""
+        fam = self.family_of(architecture)
+        return {**self.fixed, **fam.fixed, **fam.architectures[architecture], ARCH_PARAM: architecture}
+
     def __call__(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: sample the architecture, then the shared and that family's parameters.
 

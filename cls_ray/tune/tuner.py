@@ -190,18 +190,10 @@ def build_scheduler(cfg: Config) -> Any:
 
 
 def make_trainable(data_uri: str, base: Config, fn: Any = None, shared: dict[str, Any] | None = None) -> Any:
-    """The Tune trainable: ``fn`` (default :func:`run_trial`) bound to the dataset and base config (and, when given,
-    the ``shared`` splits), with the trial driver's near-zero resource request (:data:`DRIVER_RESOURCES`)."""
-    params = {"data_uri": data_uri, "base": base, **({"shared": shared} if shared is not None else {})}
-    bound = ray_tune.with_parameters(fn or run_trial, **params)
+    """The Tune trainable: ``fn`` (default :func:`run_trial`) bound to the dataset, the base config and the
+    ``shared`` splits, with the trial driver's near-zero resource request (:data:`DRIVER_RESOURCES`)."""
+    bound = ray_tune.with_parameters(fn or run_trial, data_uri=data_uri, base=base, shared=shared)
     return ray_tune.with_resources(bound, DRIVER_RESOURCES)
-
-
-def first_architecture_values(space: SearchSpace) -> dict[str, Any]:
-    """The Config values every trial of the space's first architecture gets (its sampled parameters aside)."""
-    arch = space.architectures[0]
-    fam = space.family_of(arch)
-    return {**space.fixed, **fam.fixed, **fam.architectures[arch], ARCH_PARAM: arch}
 
 
 def read_trial_splits(data_uri: str, base: Config, values: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +227,7 @@ def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) ->
             f"experiment {exp} already exists and tune.resume is false: pick another "
             "tune.experiment_name or set tune.resume=true to continue it"
         )
-    shared = read_trial_splits(data_uri, base, first_architecture_values(space))
+    shared = read_trial_splits(data_uri, base, space.fixed_values(space.architectures[0]))
     trainable = make_trainable(data_uri, base, shared=shared)
     if restore:
         logger.info("resuming experiment %s (finished trials are kept, unfinished ones continue)", exp)
