@@ -7,13 +7,17 @@ every epoch, metrics and history bookkeeping.
 
 * baseline: ``torchrun --nproc_per_node=WORKERS benchmarks/ddp_baseline.py`` (synthetic uint8 batches in memory),
   run before and after the candidate; the ratio uses their mean.
+* baseline_jemalloc (not run by default): the same, under the allocator cls-ray gives its CPU workers
+  (``train.cpu_allocator``: Ray's jemalloc, preloaded, no purging), so the ratio against it is Ray's and cls-ray's
+  overhead alone, without what the allocator gains.
 * cls_ray: :func:`cls_ray.train.trainer.build_trainer` + ``fit()``, with the train split replaced by a Ray Dataset of
   synthetic uint8 images materialised in the object store before training (so no decoding happens), iterated by
   cls-ray's own loop. Steps/s comes from the loop's own ``epoch_time_s`` of the epochs after the warm-up one (from
   the first batch request to the last step: data waits and the iterator's per-epoch start included). Beside it,
   steps/s between the reports closing the warm-up and the last timed epoch, as the driver sees them (reports and
-  history writes included; the controller collects reports every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, set to
-  0.5 s here, so this view is exact to about a second). A last, untimed epoch runs the validation and checkpoint.
+  history writes included; the controller collects reports every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by
+  default, so this view is exact to a few seconds; polling more often costs the workers time). A last, untimed
+  epoch runs the validation and checkpoint.
 
 CPU seconds per step are measured too (baseline: all ranks' process time; cls-ray: the whole Ray process tree),
 which stay meaningful when other jobs share the machine and wall-clock steps/s do not.
@@ -75,13 +79,21 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
-    """The plain DDP script under torchrun; returns its JSON result line."""
+def run_baseline(args: argparse.Namespace, jemalloc: bool = False) -> dict[str, Any]:
+    """The plain DDP script under torchrun (``jemalloc``: with the allocator of cls-ray's CPU workers); returns its
+    JSON result line."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}",
            str(HERE / "ddp_baseline.py"), "--model", args.model, "--image-size", str(args.image_size),
            "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp,
            "--warmup-steps", str(args.steps_per_epoch), "--steps", str(args.steps_per_epoch * args.epochs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if jemalloc:
+        from cls_ray.train.trainer import worker_runtime_env
+
+        allocator = worker_runtime_env(make_config(args, "unused")).get("env_vars")
+        if not allocator:
+            raise SystemExit("--runs baseline_jemalloc: this Ray installation ships no libjemalloc.so")
+        env.update(allocator)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"ddp_baseline.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -167,7 +179,6 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str) -> dict[str, Any]:
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("RAY_worker_niceness", "0")  # as the torchrun processes: compete on equal terms
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # report timestamps to within 0.5 s
     ray.init(address="local", num_cpus=args.cores, num_gpus=args.workers if args.device == "cuda" else 0,
              object_store_memory=max(500 * 2**20, 3 * args.steps_per_epoch * args.batch_size * args.workers
                                      * 3 * args.image_size**2), include_dashboard=False, log_to_driver=False)
@@ -210,26 +221,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if not set(runs) <= {"baseline", "cls_ray"}:
-        raise SystemExit(f"--runs: choose from baseline, cls_ray (got {args.runs})")
+    if not set(runs) <= {"baseline", "baseline_jemalloc", "cls_ray"}:
+        raise SystemExit(f"--runs: choose from baseline, baseline_jemalloc, cls_ray (got {args.runs})")
     # The trainer validates a real dataset (manifest, classes, a val split) before it starts; a small one will do.
     _, data_uri = _data.prepare_dataset(200, 64, args.workdir, val_fraction=0.2)
-    baselines: list[dict[str, Any]] = []
+    baselines: dict[str, list[dict[str, Any]]] = {"baseline": [], "baseline_jemalloc": []}
     candidate: dict[str, Any] | None = None
     for name in runs:
         logger.info("running %s", name)
-        if name == "baseline":
-            baselines.append(run_baseline(args))
-        else:
+        if name == "cls_ray":
             candidate = run_cls_ray(args, data_uri)
+        else:
+            baselines[name].append(run_baseline(args, jemalloc=name == "baseline_jemalloc"))
     record: dict[str, Any] = {"benchmark": "train_overhead", "args": {k: str(v) for k, v in vars(args).items()},
-                              "baseline": baselines, "cls_ray": candidate, "machine": _data.machine_description()}
-    if baselines and candidate:
-        base = sum(b["steps_per_s"] for b in baselines) / len(baselines)
-        record["ratio_steps_per_s"] = candidate["steps_per_s"] / base
-        record["ratio_between_reports_steps_per_s"] = candidate["between_reports_steps_per_s"] / base
-        cpu = sum(b["cpu_s_per_step"] for b in baselines) / len(baselines)
-        record["ratio_cpu_s_per_step"] = candidate["cpu_s_per_step"] / cpu
+                              **baselines, "cls_ray": candidate, "machine": _data.machine_description()}
+    for name, suffix in (("baseline", ""), ("baseline_jemalloc", "_vs_jemalloc_baseline")):
+        if baselines[name] and candidate:
+            base = sum(b["steps_per_s"] for b in baselines[name]) / len(baselines[name])
+            cpu = sum(b["cpu_s_per_step"] for b in baselines[name]) / len(baselines[name])
+            record[f"ratio_steps_per_s{suffix}"] = candidate["steps_per_s"] / base
+            record[f"ratio_between_reports_steps_per_s{suffix}"] = candidate["between_reports_steps_per_s"] / base
+            record[f"ratio_cpu_s_per_step{suffix}"] = candidate["cpu_s_per_step"] / cpu
     print_report(record)
     print(json.dumps(record), flush=True)
     return record
@@ -237,18 +249,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def print_report(record: dict[str, Any]) -> None:
     """The human-readable lines (this is a benchmark script: printing is its output)."""
-    for b in record["baseline"]:
-        print(f"baseline torchrun DDP: {b['steps_per_s']:.3f} steps/s ({b['images_per_s']:.1f} img/s, "
-              f"{b['cpu_s_per_step']:.3f} CPU-s/step, {b['threads_per_rank']} thread(s) per rank)")
+    for name in ("baseline", "baseline_jemalloc"):
+        for b in record[name]:
+            print(f"{name} torchrun DDP: {b['steps_per_s']:.3f} steps/s ({b['images_per_s']:.1f} img/s, "
+                  f"{b['cpu_s_per_step']:.3f} CPU-s/step, {b['threads_per_rank']} thread(s) per rank)")
     if record["cls_ray"]:
         c = record["cls_ray"]
         print(f"cls-ray Ray Train:     {c['steps_per_s']:.3f} steps/s ({c['images_per_s']:.1f} img/s, "
               f"{c['cpu_s_per_step']:.3f} CPU-s/step, between reports {c['between_reports_steps_per_s']:.3f} steps/s, "
               f"data wait {c['data_wait_frac']:.1%})")
-    if "ratio_steps_per_s" in record:
-        print(f"ratio cls-ray / baseline steps/s: {record['ratio_steps_per_s']:.3f} (between reports "
-              f"{record['ratio_between_reports_steps_per_s']:.3f}); CPU-s per step cls-ray / baseline: "
-              f"{record['ratio_cpu_s_per_step']:.3f}")
+    for name, suffix in (("baseline", ""), ("baseline_jemalloc", "_vs_jemalloc_baseline")):
+        if f"ratio_steps_per_s{suffix}" in record:
+            print(f"ratio cls-ray / {name} steps/s: {record[f'ratio_steps_per_s{suffix}']:.3f} (between reports "
+                  f"{record[f'ratio_between_reports_steps_per_s{suffix}']:.3f}); CPU-s per step cls-ray / {name}: "
+                  f"{record[f'ratio_cpu_s_per_step{suffix}']:.3f}")
 
 
 if __name__ == "__main__":

@@ -239,6 +239,11 @@ class TrainConfig:
     started with that custom resource."""
     amp: Literal["none", "bf16", "fp16"] = "none"
     """Mixed precision on GPU; ``fp16`` adds a GradScaler. Ignored on CPU."""
+    cpu_allocator: Literal["jemalloc", "system"] = "jemalloc"
+    """Host memory allocator of CPU workers (``use_gpu: false``). ``jemalloc``: the ``libjemalloc.so`` Ray ships,
+    preloaded into the worker processes with purging off, so each step reuses the pages the last one freed; glibc
+    (``system``) maps and unmaps every large activation afresh and takes a page fault per 4 KiB of it, every step
+    (docs/benchmarks.md). Where Ray ships no jemalloc (e.g. macOS) the system allocator is used."""
     eval_every: int = 1
     """Evaluate on the validation split every N epochs (and after the last)."""
     dist_bn: Literal["reduce", "broadcast"] = "reduce"

@@ -49,21 +49,24 @@ def test_input_pipeline_counts_every_image_in_every_run(workdir):
         assert _positive(record[key]), key
 
 
-def test_train_overhead_times_the_same_steps_in_both_runs(workdir):
+def test_train_overhead_times_the_same_steps_in_both_runs(workdir, monkeypatch):
     import train_overhead
 
+    # Epochs of a fraction of a second: the controller must collect each report apart from the next.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     steps, epochs = 3, 1
     record = train_overhead.main(["--image-size", "32", "--batch-size", "4", "--steps-per-epoch", str(steps),
-                                  "--epochs", str(epochs), "--runs", "baseline,cls_ray", "--cores", "2",
-                                  "--workdir", str(workdir)])
-    (baseline,) = record["baseline"]
+                                  "--epochs", str(epochs), "--runs", "baseline,baseline_jemalloc,cls_ray",
+                                  "--cores", "2", "--workdir", str(workdir)])
+    (baseline,), (with_jemalloc,) = record["baseline"], record["baseline_jemalloc"]
     candidate = record["cls_ray"]
-    assert baseline["steps"] == candidate["steps"] == steps * epochs
+    assert baseline["steps"] == with_jemalloc["steps"] == candidate["steps"] == steps * epochs
     assert baseline["world_size"] == 2 and baseline["threads_per_rank"] == 1
     # Warm-up epoch, timed epochs and the final validation epoch all ran through cls-ray's loop.
     assert len(candidate["epoch_time_s"]) == epochs + 2
-    for key in ("ratio_steps_per_s", "ratio_between_reports_steps_per_s", "ratio_cpu_s_per_step"):
-        assert _positive(record[key]), key
+    for suffix in ("", "_vs_jemalloc_baseline"):
+        for key in ("ratio_steps_per_s", "ratio_between_reports_steps_per_s", "ratio_cpu_s_per_step"):
+            assert _positive(record[key + suffix]), key + suffix
 
 
 def test_gpu_resnet50_runs_end_to_end_on_cpu(workdir):

@@ -191,6 +191,36 @@ def test_bad_configuration_is_refused_before_any_worker_starts(ray_cluster, digi
     assert cli_main(["train", "--data", digits_dataset, "--set", "model.name=resnet_nope"]) == 2
 
 
+@ray.remote(num_cpus=0)
+def _allocator_probe() -> tuple[bool, float]:
+    """Whether jemalloc is loaded in this worker process, and the page faults of allocating and filling a 64 MiB
+    tensor once more after one was freed (torch's CPU allocator asks malloc for every tensor)."""
+    import resource
+
+    loaded = "libjemalloc" in Path("/proc/self/maps").read_text()
+    torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    return loaded, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+
+
+def test_cpu_workers_reuse_freed_memory_with_jemalloc(ray_cluster, digits_dataset, tmp_path):
+    from cls_ray.train.trainer import build_trainer, worker_runtime_env
+
+    cfg = _config(tmp_path, "train.num_workers=1")
+    trainer = build_trainer(digits_dataset, cfg, storage_path=str(tmp_path / "runs"), run_name="alloc")
+    env = trainer.run_config.worker_runtime_env
+    assert env == worker_runtime_env(cfg) and env["env_vars"]["LD_PRELOAD"].endswith("libjemalloc.so")
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    jemalloc = ray.get(_allocator_probe.options(runtime_env=env).remote())
+    system = ray.get(_allocator_probe.options(
+        runtime_env=worker_runtime_env(_config(tmp_path, "train.cpu_allocator=system"))).remote())
+    assert jemalloc[0] and jemalloc[1] < 0.01 * pages  # the freed pages are reused as they are
+    assert not system[0] and system[1] > 0.9 * pages  # glibc maps 64 MiB afresh: a fault per page, every time
+    assert worker_runtime_env(_config(tmp_path, "train.use_gpu=true")) == {}
+
+
 def test_ray_data_waits_instead_of_spinning_behind_a_slower_consumer(ray_cluster, digits_dataset):
     """When the consumer is slower than the map stage, Ray Data backpressures the stage and its scheduling loop has
     nothing to do: with :class:`~cls_ray.data.backoff.IdleBackoff` it sleeps; without it, it runs thousands of empty
