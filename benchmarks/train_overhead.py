@@ -90,6 +90,8 @@ def run_baseline(args: argparse.Namespace, jemalloc: bool = False) -> dict[str, 
     if jemalloc:
         from cls_ray.train.trainer import worker_runtime_env
 
+        if args.device == "cuda":
+            raise SystemExit("--runs baseline_jemalloc: cls-ray preloads jemalloc into CPU workers only")
         allocator = worker_runtime_env(make_config(args, "unused")).get("env_vars")
         if not allocator:
             raise SystemExit("--runs baseline_jemalloc: this Ray installation ships no libjemalloc.so")

@@ -221,6 +221,38 @@ def test_cpu_workers_reuse_freed_memory_with_jemalloc(ray_cluster, digits_datase
     assert worker_runtime_env(_config(tmp_path, "train.use_gpu=true")) == {}
 
 
+_INTERRUPTED_IMPORT = """
+def first_decode_call(interrupt_after_s):
+    import signal
+    from cls_ray.data.pipeline import import_decoders
+
+    def interrupt(*_):
+        raise KeyboardInterrupt  # what ray.cancel raises in a running task
+
+    if interrupt_after_s:
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, interrupt_after_s)  # while torch is being imported
+    decode, create_transform = import_decoders()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    import os, torch
+    return os.getpid(), torch.autograd.grad.__name__
+"""
+
+
+def test_decode_worker_interrupted_while_importing_torch_is_not_reused(ray_cluster):
+    """Ray Data cancels running decode tasks (KeyboardInterrupt) when a failed run's execution shuts down; a worker
+    whose first ``import torch`` was interrupted must not decode the next attempt's blocks with half of torch."""
+    namespace: dict = {"__name__": "interrupted_import_probe"}  # not importable: Ray ships the function by value
+    exec(_INTERRUPTED_IMPORT, namespace)
+    # A runtime env of its own: a fresh worker process that has not imported torch, reused by the second task.
+    probe = ray.remote(num_cpus=0, max_retries=0)(namespace["first_decode_call"]).options(
+        runtime_env={"env_vars": {"CLS_RAY_PROBE": f"{os.getpid()}-{time.time()}"}})
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ray.get(probe.remote(0.3))
+    pid, grad = ray.get(probe.remote(0))
+    assert grad == "grad"
+
+
 def test_ray_data_waits_instead_of_spinning_behind_a_slower_consumer(ray_cluster, digits_dataset):
     """When the consumer is slower than the map stage, Ray Data backpressures the stage and its scheduling loop has
     nothing to do: with :class:`~cls_ray.data.backoff.IdleBackoff` it sleeps; without it, it runs thousands of empty

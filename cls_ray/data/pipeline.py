@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,34 @@ CACHE_FRACTION = 0.2
 """``data.cache=auto`` caches a split whose shards take at most this fraction of the cluster's object store."""
 
 
+def import_decoders() -> tuple[Callable, Callable]:
+    """``(decode_stored_image, create_image_transform)``, imported on first use in a decode worker (torch, timm).
+
+    Ray cancels a running task by raising ``KeyboardInterrupt`` in it, and Ray Data does so when a run that failed
+    (a lost node) shuts its execution down. A first ``import torch`` interrupted half-way leaves its finished
+    submodules in ``sys.modules``, and every later ``import torch`` in that process then fails ("partially initialized
+    module 'torch' has no attribute 'autograd'"). Ray would hand the worker to the next attempt's decode tasks, so it
+    exits instead and Ray starts a fresh one.
+    """
+    try:
+        from cls_ray.data.decode import decode_stored_image
+        from cls_ray.data.transforms import create_image_transform
+    except KeyboardInterrupt:
+        if not _in_ray_worker():
+            raise
+        logger.warning("decode worker %d interrupted while importing torch/timm; exiting so that Ray does not reuse "
+                       "a half-imported process", os.getpid())
+        logging.shutdown()
+        os._exit(1)
+    return decode_stored_image, create_image_transform
+
+
+def _in_ray_worker() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 class DecodeBatch:
     """Ray Data batch UDF: encoded ``image`` bytes -> uint8 NHWC ``image`` array through one timm transform.
 
@@ -73,17 +102,14 @@ class DecodeBatch:
         # Built lazily inside the task: timm transforms hold PIL/torch state that need not be pickled, and this
         # module imports neither timm nor torch (Ray Data's coordinator actors unpickle this UDF; see decode.py).
         if self._transform is None:
-            from cls_ray.data.transforms import create_image_transform
-
-            self._transform = create_image_transform(self.data_config, self.data_cfg)
+            self._transform = import_decoders()[1](self.data_config, self.data_cfg)
         return self._transform
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_transform": None}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cls_ray.data.decode import decode_stored_image
-
+        decode_stored_image = import_decoders()[0]
         transform = self._get_transform()
         encoded = batch["image"]
         channels, height, width = self.data_config["input_size"]
