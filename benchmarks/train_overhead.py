@@ -60,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=40)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPUs of the Ray instance")
-    p.add_argument("--runs", default="baseline,cls_ray,baseline", help="comma-separated order of runs")
+    p.add_argument("--runs", default="baseline,cls_ray,baseline",
+                   help="comma-separated order of runs: baseline, baseline_jemalloc, cls_ray")
+    p.add_argument("--cpu-allocator", default="jemalloc", choices=["jemalloc", "system"],
+                   help="cls-ray's train.cpu_allocator (system: as before it preloaded jemalloc)")
     p.add_argument("--workdir", type=Path, default=_data.DEFAULT_WORKDIR)
     args = p.parse_args(argv)
     for key, value in (CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
@@ -92,7 +95,8 @@ def run_baseline(args: argparse.Namespace, jemalloc: bool = False) -> dict[str, 
 
         if args.device == "cuda":
             raise SystemExit("--runs baseline_jemalloc: cls-ray preloads jemalloc into CPU workers only")
-        allocator = worker_runtime_env(make_config(args, "unused")).get("env_vars")
+        allocator = worker_runtime_env(make_config(argparse.Namespace(**{**vars(args), "cpu_allocator": "jemalloc"}),
+                                                   "unused")).get("env_vars")
         if not allocator:
             raise SystemExit("--runs baseline_jemalloc: this Ray installation ships no libjemalloc.so")
         env.update(allocator)
@@ -117,6 +121,7 @@ def make_config(args: argparse.Namespace, storage_path: str):
                         color_jitter=0.0, re_prob=0.0, label_smoothing=0.1),
         optim=OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, sched="none"),
         train=TrainConfig(epochs=total_epochs, num_workers=args.workers, use_gpu=args.device == "cuda",
+                          cpu_allocator=args.cpu_allocator,
                           cpus_per_worker=cpus_per_worker, amp=args.amp, eval_every=total_epochs,
                           storage_path=storage_path, run_name="overhead", max_failures=0),
     )

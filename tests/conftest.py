@@ -6,6 +6,7 @@ workers inherit it. Modules that need both request ``s3_server`` in their Ray fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -19,9 +20,16 @@ KUBERAY_CRDS = SHARED / "kuberay" / "crds"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all held at once while chosen, so the OS cannot hand out one of them twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @pytest.fixture(scope="session")

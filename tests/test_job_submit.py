@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, write_digits_folders
+from conftest import free_ports, write_digits_folders
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -140,7 +140,7 @@ def ray_head(s3_server) -> Iterator[Head]:
     token_file = root / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    ports = [f"{flag}={free_port()}" for flag in PORT_FLAGS]
+    ports = [f"{flag}={port}" for flag, port in zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True)]
     log = root / "ray-start.log"
     command = [
         str(RAY),
