@@ -48,6 +48,7 @@ bench: setup
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/allocator.py
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/serve.py
 

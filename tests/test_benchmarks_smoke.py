@@ -69,6 +69,16 @@ def test_train_overhead_times_the_same_steps_in_both_runs(workdir, monkeypatch):
             assert _positive(record[key + suffix]), key + suffix
 
 
+def test_allocator_runs_each_allocator_it_names():
+    import allocator
+
+    record = allocator.main(["--sizes", "32", "--batch-size", "4", "--seconds", "0.5", "--repeats", "1"])
+    runs = record["sizes"][32]
+    assert [r["jemalloc"] for r in runs["system"]] == [False] and [r["jemalloc"] for r in runs["jemalloc"]] == [True]
+    assert all(r["steps"] >= 3 for r in runs["system"] + runs["jemalloc"])
+    assert _positive(runs["ratio_steps_per_s"])
+
+
 def test_gpu_resnet50_runs_end_to_end_on_cpu(workdir):
     import gpu_resnet50
 
