@@ -81,7 +81,7 @@ def worker_runtime_env(cfg: Config) -> dict[str, Any]:
     """The training workers' runtime environment: on CPU, Ray's own jemalloc preloaded (``train.cpu_allocator``).
 
     The library's path is resolved here, where the trainer is built; Ray's nodes run one image, so it is the same on
-    every node (where it were missing, the dynamic loader would say so and go on with the system allocator).
+    every node (if a node lacked it, the dynamic loader would say so and go on with the system allocator).
     """
     if cfg.train.use_gpu or cfg.train.cpu_allocator != "jemalloc":
         return {}
