@@ -3,7 +3,7 @@
 One process per run, one torch thread, the train step of ``benchmarks/ddp_baseline.py`` (uint8 batch normalised,
 forward, label-smoothed cross-entropy, backward, timm AdamW) on batches held in memory, no Ray and no DDP: the only
 difference between the runs is the allocator the process starts with (``LD_PRELOAD`` + ``MALLOC_CONF`` from
-:func:`cls_ray.train.trainer.worker_runtime_env`). Reports steps/s, minor page faults and kernel CPU seconds per
+:func:`cls_ray.train.trainer.jemalloc_env`). Reports steps/s, minor page faults and kernel CPU seconds per
 step (``getrusage``) after a warm-up, for each image size; runs alternate system, jemalloc, system, jemalloc...
 
     .venv/bin/python benchmarks/allocator.py                          # resnet10t, 64 and 224 px, batch 32
@@ -90,18 +90,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return {}
-    from cls_ray.config import load_config
-    from cls_ray.train.trainer import worker_runtime_env
+    from cls_ray.train.trainer import jemalloc_env
 
-    jemalloc_env = worker_runtime_env(load_config(None, [])).get("env_vars")
-    if not jemalloc_env:
+    env = jemalloc_env()
+    if not env:
         raise SystemExit("this Ray installation ships no libjemalloc.so")
-    record: dict[str, Any] = {"benchmark": "allocator", "args": vars(args), "env": jemalloc_env, "sizes": {}}
+    record: dict[str, Any] = {"benchmark": "allocator", "args": vars(args), "env": env, "sizes": {}}
     for size in (int(s) for s in args.sizes.split(",")):
         runs: dict[str, list[dict[str, Any]]] = {"system": [], "jemalloc": []}
         for _ in range(args.repeats):
             runs["system"].append(run(args, size, {}))
-            runs["jemalloc"].append(run(args, size, jemalloc_env))
+            runs["jemalloc"].append(run(args, size, env))
         assert not any(r["jemalloc"] for r in runs["system"]) and all(r["jemalloc"] for r in runs["jemalloc"])
         mean = {k: sum(r["steps_per_s"] for r in v) / len(v) for k, v in runs.items()}
         record["sizes"][size] = {**runs, "ratio_steps_per_s": mean["jemalloc"] / mean["system"]}

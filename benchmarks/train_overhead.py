@@ -91,12 +91,11 @@ def run_baseline(args: argparse.Namespace, jemalloc: bool = False) -> dict[str, 
            "--warmup-steps", str(args.steps_per_epoch), "--steps", str(args.steps_per_epoch * args.epochs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if jemalloc:
-        from cls_ray.train.trainer import worker_runtime_env
+        from cls_ray.train.trainer import jemalloc_env
 
         if args.device == "cuda":
             raise SystemExit("--runs baseline_jemalloc: cls-ray preloads jemalloc into CPU workers only")
-        allocator = worker_runtime_env(make_config(argparse.Namespace(**{**vars(args), "cpu_allocator": "jemalloc"}),
-                                                   "unused")).get("env_vars")
+        allocator = jemalloc_env()
         if not allocator:
             raise SystemExit("--runs baseline_jemalloc: this Ray installation ships no libjemalloc.so")
         env.update(allocator)

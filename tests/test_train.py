@@ -249,7 +249,7 @@ def test_decode_worker_interrupted_while_importing_torch_is_not_reused(ray_clust
         runtime_env={"env_vars": {"CLS_RAY_PROBE": f"{os.getpid()}-{time.time()}"}})
     with pytest.raises(ray.exceptions.WorkerCrashedError):
         ray.get(probe.remote(0.3))
-    pid, grad = ray.get(probe.remote(0))
+    _, grad = ray.get(probe.remote(0))
     assert grad == "grad"
 
 

@@ -77,6 +77,16 @@ def _worker_resources(cfg: Config) -> dict[str, float]:
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
+def jemalloc_env() -> dict[str, str]:
+    """The environment variables that start a process on the ``libjemalloc.so`` Ray ships, purging off; empty where
+    this Ray installation has none (e.g. macOS)."""
+    library = os.path.join(os.path.dirname(ray.__file__), "core", "libjemalloc.so")
+    if not os.path.isfile(library):
+        logger.info("train.cpu_allocator: no %s in this Ray installation; workers use the system allocator", library)
+        return {}
+    return {"LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF}
+
+
 def worker_runtime_env(cfg: Config) -> dict[str, Any]:
     """The training workers' runtime environment: on CPU, Ray's own jemalloc preloaded (``train.cpu_allocator``).
 
@@ -85,11 +95,8 @@ def worker_runtime_env(cfg: Config) -> dict[str, Any]:
     """
     if cfg.train.use_gpu or cfg.train.cpu_allocator != "jemalloc":
         return {}
-    library = os.path.join(os.path.dirname(ray.__file__), "core", "libjemalloc.so")
-    if not os.path.isfile(library):
-        logger.info("train.cpu_allocator: no %s in this Ray installation; workers use the system allocator", library)
-        return {}
-    return {"env_vars": {"LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF}}
+    env = jemalloc_env()
+    return {"env_vars": env} if env else {}
 
 
 def _check_placement(cfg: Config) -> None:
