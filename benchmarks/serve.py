@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import FASHION_MNIST_DIR, read_fashion_mnist  # noqa: E402
 
 from cls_ray.config import ServeConfig  # noqa: E402
-from cls_ray.export import save_model_package  # noqa: E402
+from cls_ray.package import save_model_package  # noqa: E402
 from cls_ray.models import model_data_config  # noqa: E402
 from cls_ray.predict import Predictor  # noqa: E402
 

@@ -29,7 +29,7 @@ from cls_ray import storage
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import DecodeBatch, as_nchw
 from cls_ray.data.transforms import normalize
-from cls_ray.export import PackageError, load_model_package
+from cls_ray.package import PackageError, load_model_package
 from cls_ray.metrics import SCALAR_METRICS, ClassificationMetrics
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def evaluate(model_uri: str, data_uri: str, split: str = "test", output_dir: str
 
 
 def load_classes(model_uri: str) -> list[str]:
-    from cls_ray.export import read_package_meta
+    from cls_ray.package import read_package_meta
 
     return list(read_package_meta(model_uri)["classes"])
 

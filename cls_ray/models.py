@@ -74,7 +74,7 @@ def _load_pretrained_file(model: nn.Module, uri: str) -> None:
 
 def model_kwargs(cfg: ModelConfig) -> dict:
     """Architecture kwargs beyond ``num_classes`` that shape the weights (recorded in the model package so
-    :func:`cls_ray.export.load_model_package` rebuilds the same model)."""
+    :func:`cls_ray.package.load_model_package` rebuilds the same model)."""
     if cfg.image_size and _accepts_img_size(cfg.name):
         return {"img_size": cfg.image_size}
     return {}

@@ -19,7 +19,7 @@ import torch
 from cls_ray import storage
 from cls_ray.data.images import ImageDecodeError, decode_image
 from cls_ray.data.transforms import ImageTransform, create_image_transform, normalize
-from cls_ray.export import ModelPackage, load_model_package
+from cls_ray.package import ModelPackage, load_model_package
 
 logger = logging.getLogger(__name__)
 

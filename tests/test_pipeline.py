@@ -16,7 +16,7 @@ from conftest import free_port, write_digits_folders
 
 from cls_ray.config import load_config
 from cls_ray.data.manifest import read_manifest
-from cls_ray.export import read_package_meta
+from cls_ray.package import read_package_meta
 
 REPO = Path(__file__).resolve().parents[1]
 

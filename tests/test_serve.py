@@ -24,7 +24,7 @@ from conftest import PILLOW_IMAGES, free_port, write_digits_folders
 from cls_ray import storage
 from cls_ray.config import ConfigError, ServeConfig
 from cls_ray.data.transforms import create_eval_transform, normalize
-from cls_ray.export import save_model_package
+from cls_ray.package import save_model_package
 from cls_ray.models import model_data_config
 from cls_ray.predict import predict_files
 

@@ -22,7 +22,7 @@ import timm
 from conftest import free_port, write_digits_folders
 
 from cls_ray.config import IngestConfig, load_config
-from cls_ray.export import read_package_meta
+from cls_ray.package import read_package_meta
 from cls_ray.models import save_weights_file
 from cls_ray.tune.leaderboard import COMPLETED, ERRORED, STOPPED_ASHA
 from cls_ray.tune.tuner import tune

@@ -26,7 +26,7 @@ from ray.serve import Application
 
 from cls_ray import storage
 from cls_ray.config import ConfigError, ServeConfig, load_config, section_from_dict
-from cls_ray.export import read_package_meta
+from cls_ray.package import read_package_meta
 from cls_ray.serve.deployment import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ClassifierIngress, ClassifierModel
 
 logger = logging.getLogger(__name__)

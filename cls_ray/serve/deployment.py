@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from cls_ray.config import ConfigError, ServeConfig
 from cls_ray.data.images import ImageDecodeError
 from cls_ray.data.transforms import create_image_transform
-from cls_ray.export import load_model_package, read_package_meta
+from cls_ray.package import load_model_package, read_package_meta
 from cls_ray.predict import Predictor, preprocess_image
 from cls_ray.serve.inputs import RequestError
 

@@ -23,7 +23,7 @@ from cls_ray import storage
 from cls_ray.config import Config, ConfigError, to_dict, with_absolute_paths, write_resolved
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import SharedSplit, build_eval_dataset, build_train_dataset
-from cls_ray.export import save_model_package
+from cls_ray.package import save_model_package
 from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
 from cls_ray.ray_connect import ensure_ray
