@@ -96,7 +96,7 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str, shuffle: str) -> dict[s
     import ray
 
     from cls_ray import storage
-    from cls_ray.train.loop import HISTORY_FILE
+    from cls_ray.train.history import read_history
     from cls_ray.train.trainer import build_trainer
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # report timestamps to within 0.5 s
@@ -109,8 +109,7 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str, shuffle: str) -> dict[s
             trainer = build_trainer(data_uri, cfg, storage_path=tmp, run_name=cfg.train.run_name,
                                     callbacks=[train_overhead._user_callback(clock_path)])
             trainer.fit()
-            history_uri = storage.join(tmp, cfg.train.run_name, HISTORY_FILE)
-            history = [json.loads(line) for line in storage.read_bytes(history_uri).decode().splitlines()]
+            history = read_history(storage.join(tmp, cfg.train.run_name))
             clock = [json.loads(line) for line in Path(clock_path).read_text().splitlines()]
     finally:
         ray.shutdown()

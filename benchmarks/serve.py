@@ -70,7 +70,7 @@ def parse_args() -> argparse.Namespace:
 def make_package(root: Path, model_name: str, image_size: int) -> str:
     model = timm.create_model(model_name, num_classes=10).eval()
     meta = {"architecture": model_name, "classes": [f"class_{i}" for i in range(10)], "name": "bench",
-            "version": "1", "data_config": model_data_config(model, image_size)}
+            "data_config": model_data_config(model, image_size)}
     return save_model_package(str(root / "package"), model, meta)
 
 

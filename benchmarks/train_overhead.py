@@ -181,7 +181,7 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str) -> dict[str, Any]:
     from cls_ray import storage
     from cls_ray.data.manifest import read_manifest
     from cls_ray.train import trainer as trainer_mod
-    from cls_ray.train.loop import HISTORY_FILE
+    from cls_ray.train.history import read_history
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("RAY_worker_niceness", "0")  # as the torchrun processes: compete on equal terms
@@ -198,8 +198,7 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str) -> dict[str, Any]:
                 trainer = trainer_mod.build_trainer(data_uri, cfg, storage_path=tmp, run_name="overhead",
                                                     callbacks=[_user_callback(clock_path)])
             trainer.fit()
-            history_uri = storage.join(tmp, "overhead", HISTORY_FILE)
-            history = [json.loads(line) for line in storage.read_bytes(history_uri).decode().splitlines()]
+            history = read_history(storage.join(tmp, "overhead"))
             clock = [json.loads(line) for line in Path(clock_path).read_text().splitlines()]
     finally:
         ray.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from typing import Any, Literal
 import yaml
 
 from cls_ray import storage
+
+#: Model package names (``train.package_name``; :mod:`cls_ray.package` checks the same): they are part of URLs.
+PACKAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ConfigError(ValueError):
@@ -267,6 +271,10 @@ class TrainConfig:
     """Local path or s3:// URI holding runs."""
     run_name: str = "train"
     """Re-running with the same name resumes from its latest checkpoint."""
+    package_name: str | None = None
+    """Name of the model package the run ends with (the model name serve, predict and the report show); None: the
+    dataset's name (its class-folder root). Letters, digits, ``.``, ``_`` and ``-``. The package's version is its
+    weights' digest (docs/design.md, "Model package")."""
     max_failures: int = 2
     """Worker-group restarts allowed after a failure (each resumes from the latest checkpoint)."""
     seed: int = 0
@@ -288,6 +296,9 @@ class TrainConfig:
                "train.early_stopping_patience", "must be at least 1 or null")
         _check(self.run_name != "" and "/" not in self.run_name, "train.run_name",
                "must be a non-empty name without '/'")
+        _check(self.package_name is None or PACKAGE_NAME_PATTERN.fullmatch(self.package_name) is not None,
+               "train.package_name", "must be letters, digits, '.', '_' or '-' (it is part of URLs), starting with "
+               "a letter or digit, at most 128 characters")
 
 
 @dataclass

@@ -133,9 +133,13 @@ def evaluate(model_uri: str, data_uri: str, split: str = "test", output_dir: str
     """
     output_dir = output_dir or storage.join(model_uri, f"eval-{split}")
     scalars, details = compute_metrics(model_uri, data_uri, split, batch_size)
-    classes = load_classes(model_uri)
+    from cls_ray.package import read_package_meta
+
+    meta = read_package_meta(model_uri)
+    classes = list(meta["classes"])
     per_class = [{"class": c, **r} for c, r in zip(classes, details["per_class"], strict=True)]
-    report = {"model": model_uri, "dataset": data_uri, "split": split, "metrics": scalars, "per_class": per_class,
+    report = {"model": model_uri, "model_name": meta["name"], "model_version": meta["version"], "dataset": data_uri,
+              "split": split, "metrics": scalars, "per_class": per_class,
               "confusion_matrix": details["confusion_matrix"], "classes": classes}
     storage.write_json(storage.join(output_dir, "metrics.json"), report)
     storage.write_json(storage.join(output_dir, "confusion_matrix.json"),
@@ -150,18 +154,13 @@ def evaluate(model_uri: str, data_uri: str, split: str = "test", output_dir: str
             "split": split, "output_dir": output_dir}
 
 
-def load_classes(model_uri: str) -> list[str]:
-    from cls_ray.package import read_package_meta
-
-    return list(read_package_meta(model_uri)["classes"])
-
-
 def print_evaluation(report: dict[str, Any]) -> None:
     """Print the per-class table and the summary metrics (the CLI's human-readable output)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['split']} split: per-class metrics")
+    table = Table(title=f"{report['model_name']} version {report['model_version']}, {report['split']} split: "
+                        "per-class metrics")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in report["per_class"]:

@@ -105,18 +105,23 @@ def predict_files(model_uri: str, uris: Sequence[str], *, batch_size: int = 64, 
                   device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
     """Score image files (local paths or s3:// URIs) with a model package.
 
-    Returns one dict per input, in order: ``{"path", "top_k": [...], "probabilities": [...]}`` or, for a file
-    that is not a usable image, ``{"path", "error", "reason"}``; a bad file never stops the others.
+    Returns one dict per input, in order: ``{"path", "model", "top_k": [...], "probabilities": [...]}`` or, for a
+    file that cannot be read or is not a usable image, ``{"path", "model", "error", "reason"}`` (``reason``
+    ``unreadable`` for storage errors, else the decoder's reason); a bad file never stops the others. ``model`` is
+    the package's ``{"name", "version"}``.
     """
     predictor = Predictor.from_uri(model_uri, device=device)
     k = max(1, min(k, len(predictor.classes)))
-    results: list[dict[str, Any]] = [{"path": uri} for uri in uris]
+    model = {"name": predictor.package.name, "version": predictor.package.version}
+    results: list[dict[str, Any]] = [{"path": uri, "model": model} for uri in uris]
     good: list[int] = []
     arrays: list[np.ndarray] = []
     for i, uri in enumerate(uris):
         try:
             arrays.append(predictor.preprocess(storage.read_bytes(uri), max_pixels))
             good.append(i)
+        except storage.StorageError as exc:
+            results[i].update(error=str(exc), reason="unreadable")
         except ImageDecodeError as exc:
             results[i].update(error=str(exc), reason=exc.reason)
     for start in range(0, len(arrays), batch_size):

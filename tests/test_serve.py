@@ -8,6 +8,7 @@ API key required, one model replica) and ``scale`` (local package, deployed from
 from __future__ import annotations
 
 import base64
+import hashlib
 import concurrent.futures as cf
 import os
 import time
@@ -89,7 +90,7 @@ def make_digits_package(uri: str, root: Path, n_images: int = 20, train_steps: i
     else:
         _fit_head(model, x, labels)
     meta = {"architecture": "resnet10t", "classes": [f"digit_{i}" for i in range(10)], "data_config": data_config,
-            "name": MODEL_NAME, "version": "3", "metrics": {"val_top1": 0.5}}
+            "name": MODEL_NAME, "metrics": {"val_top1": 0.5}}
     save_model_package(uri, model, meta)
     return held_out
 
@@ -166,6 +167,28 @@ def offline(packages, uri_key="s3"):
     return np.array([r["probabilities"] for r in results])
 
 
+def weights_version(packages) -> str:
+    """What a package's version must be: the first 12 hex digits of its weights file's SHA-256."""
+    return hashlib.sha256(Path(packages["local"], "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def test_predict_files_scores_every_readable_file_and_names_the_rest(packages, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = [str(p) for p in packages["images"][:2]]
+    uris = [good[0], str(tmp_path / "missing.png"), f"{packages['s3']}/no-such-image.png", str(broken), good[1]]
+    results = predict_files(packages["local"], uris, k=3)
+
+    assert [r["path"] for r in results] == uris  # one row per input, in order; the bad ones did not stop the rest
+    model = {"name": MODEL_NAME, "version": weights_version(packages)}
+    assert all(r["model"] == model for r in results)
+    for r in (results[0], results[4]):
+        assert len(r["top_k"]) == 3 and "error" not in r
+    for r in (results[1], results[2]):
+        assert r["reason"] == "unreadable" and r["path"] in r["error"] and "top_k" not in r
+    assert results[3]["reason"] != "unreadable" and "top_k" not in results[3]
+
+
 def assert_top_k_matches(top: list[dict], probs: np.ndarray, k: int) -> None:
     """The served top-k are a top-k of the offline probabilities, with the same values (float tolerance)."""
     assert len(top) == k and len({t["label"] for t in top}) == k
@@ -185,7 +208,7 @@ def test_http_predictions_equal_offline_for_every_encoding(main_url, packages):
                           headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["model"] == {"name": MODEL_NAME, "version": "3"} and body["latency_ms"] > 0
+        assert body["model"] == {"name": MODEL_NAME, "version": weights_version(packages)} and body["latency_ms"] > 0
         assert_top_k_matches(body["predictions"][0]["top_k"], probs, 3)
     batch = slice(0, 8)
     files = [("file", (p.name, p.read_bytes(), "image/png")) for p in paths[batch]]

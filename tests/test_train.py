@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ from cls_ray.data.ingest import ingest
 from cls_ray.data.manifest import ManifestError, read_manifest
 from cls_ray.evaluate import evaluate
 from cls_ray.models import save_weights_file
+from cls_ray.train.history import read_history
+from cls_ray.train.state import read_evaluation
 from cls_ray.train.trainer import train
 
 pytestmark = pytest.mark.ray
@@ -60,7 +63,7 @@ def _config(tmp_path: Path, *overrides: str):
 
 
 def _history(run_uri: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_bytes(storage.join(run_uri, "metrics.jsonl")).splitlines()]
+    return read_history(run_uri)
 
 
 @pytest.mark.slow
@@ -78,23 +81,30 @@ def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster,
     for record in history:
         assert record["img_per_s"] > 0 and 0 <= record["data_wait_frac"] <= 1 and record["train_loss"] > 0
     for record in (history[1], history[3]):
-        assert len(record["per_class"]) == 10
-        assert sum(map(sum, record["confusion_matrix"])) == val_rows == record["val_num_samples"]
+        assert len(record["per_class"]) == 10 and "confusion_matrix" not in record  # O(classes), not classes^2
+        assert sum(c["support"] for c in record["per_class"]) == val_rows == record["val_num_samples"]
 
     run = Path(result.run_uri)
     checkpoints = sorted(p.name for p in run.glob("epoch-*"))
     assert 1 <= len(checkpoints) <= 2 and "epoch-0004" in checkpoints  # best kept (plus the latest)
     files = {p.name for p in (run / "epoch-0004").iterdir()}
-    assert {"model.safetensors", "train_state.pt", "checkpoint.json"} <= files
+    assert {"model.safetensors", "train_state.pt", "checkpoint.json", "evaluation.json"} <= files
+    checkpoint_eval = read_evaluation(str(run / "epoch-0004"))
+    assert checkpoint_eval["per_class"] == history[3]["per_class"]
+    assert sum(map(sum, checkpoint_eval["confusion_matrix"])) == val_rows
     meta = json.loads((Path(result.package_uri) / "model.json").read_text())
     assert meta["architecture"] == "resnet10t" and meta["metrics"]["val_top1"] == result.metrics["val_top1"]
+    # Named after the dataset's class folders; versioned by the weights' digest.
+    assert meta["name"] == "train-folders0"
+    weights = (Path(result.package_uri) / "model.safetensors").read_bytes()
+    assert meta["version"] == hashlib.sha256(weights).hexdigest()[:12]
 
     out = tmp_path / "eval"
     evaluated = evaluate(result.package_uri, digits_dataset, split="val", output_dir=str(out))
     assert evaluated["num_samples"] == val_rows
     for key in ("top1", "top5", "f1_macro", "precision_weighted"):
         assert evaluated[key] == pytest.approx(result.metrics[f"val_{key}"], abs=1e-6), key
-    assert evaluated["confusion_matrix"] == history[-1]["confusion_matrix"] or result.metrics["epoch"] != 4
+    assert evaluated["confusion_matrix"] == checkpoint_eval["confusion_matrix"] or result.metrics["epoch"] != 4
     assert {"metrics.json", "confusion_matrix.json", "confusion_matrix.png", "per_class.csv"} <= {
         p.name for p in out.iterdir()}
 

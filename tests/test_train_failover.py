@@ -4,7 +4,6 @@ with every epoch exactly once in its history."""
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ from ray.cluster_utils import Cluster
 
 from cls_ray.config import IngestConfig, load_config
 from cls_ray.data.ingest import ingest
+from cls_ray.train.history import read_history
 from cls_ray.train.trainer import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -69,7 +69,7 @@ def test_losing_a_worker_node_resumes_from_the_last_checkpoint(cluster, small_di
         cluster.add_node(**TRAINER_NODE)  # room to place the restarted worker group
         result = future.result(timeout=600)
 
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = read_history(str(run_dir))
     assert [r["epoch"] for r in history] == [1, 2, 3]  # the epoch counter continued, nothing lost or repeated
     restarts = {r["resumed_from"] for r in history} - {None}
     assert len(restarts) == 1, history

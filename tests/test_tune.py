@@ -23,6 +23,7 @@ from conftest import free_port, write_digits_folders
 
 from cls_ray.config import IngestConfig, load_config
 from cls_ray.package import read_package_meta
+from cls_ray.train.history import HISTORY_DIR
 from cls_ray.models import save_weights_file
 from cls_ray.tune.leaderboard import COMPLETED, ERRORED, STOPPED_ASHA
 from cls_ray.tune.tuner import tune
@@ -102,6 +103,11 @@ def digits_dataset(tmp_path_factory) -> str:
 def _results(trial_dir: Path) -> list[dict]:
     path = trial_dir / "result.json"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _history_files(run_dir: Path) -> dict[str, bytes]:
+    """Every record of a run's metrics history, by file name (each is written once, when its epoch ends)."""
+    return {p.name: p.read_bytes() for p in sorted((run_dir / HISTORY_DIR).glob("*.json"))}
 
 
 @pytest.mark.timeout(1800)  # hang guard: on a heavily shared 2-core machine this takes over 10 minutes
@@ -197,8 +203,9 @@ def _finished_and_one_midway(exp: Path, max_epochs: int) -> bool:
 
 
 def _resume_space(tmp_path: Path) -> Path:
-    """One architecture; weights from a file or none, finetuned or frozen: frozen without weights is an impossible
-    combination that only shows once both are sampled, so those trials error while the search goes on."""
+    """One architecture; weights from a file or none, from scratch or frozen: frozen without weights is an impossible
+    combination that only shows once both are sampled, so those trials error while the search goes on. (Not
+    finetune: finetune without weights is refused too, so the space's `null` weights would fail when it loads.)"""
     weights = tmp_path / "resnet10t.safetensors"
     save_weights_file(timm.create_model("resnet10t", num_classes=10), str(weights))
     space = tmp_path / "resume.yaml"
@@ -206,7 +213,7 @@ def _resume_space(tmp_path: Path) -> Path:
 version: 1
 params:
   model.pretrained: {{choice: ["{weights}", null]}}
-  model.mode: {{choice: [finetune, frozen]}}
+  model.mode: {{choice: [scratch, frozen]}}
   optim.lr: {{loguniform: [1.0e-3, 3.0e-2]}}
 families:
   resnet: {{architectures: [resnet10t]}}
@@ -246,11 +253,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, di
     finished = {name for name, status in statuses.items() if status in ("TERMINATED", "ERROR")}
     midway = {name: _results(exp / name) for name in statuses if name not in finished and _results(exp / name)}
     before = {name: _results(exp / name) for name in finished}
-    runs_before = {
-        name: (exp / "runs" / name / "metrics.jsonl").read_bytes()
-        for name in finished
-        if (exp / "runs" / name / "metrics.jsonl").exists()
-    }
+    runs_before = {name: _history_files(exp / "runs" / name) for name in finished}
     assert len(finished) < 3, "the driver was killed mid-experiment"
 
     result = tune(digits_dataset, load_config(None, overrides + [f"tune.space={space}"]))
@@ -259,8 +262,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, di
     assert sorted(n.split("_")[1] for n in board) == ["0001", "0002", "0003"]
     for name in finished:  # finished trials were not run again
         assert _results(exp / name) == before[name]
-        if name in runs_before:
-            assert (exp / "runs" / name / "metrics.jsonl").read_bytes() == runs_before[name]
+        assert _history_files(exp / "runs" / name) == runs_before[name]
     for name, row in board.items():
         impossible = row["model.mode"] == "frozen" and row["model.pretrained"] is None
         assert row["status"] == (ERRORED if impossible else COMPLETED), row

@@ -36,6 +36,13 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(manifest_bytes(manifest)).hexdigest()
 
 
+def dataset_name(dataset_uri: str, manifest: dict[str, Any]) -> str:
+    """The dataset's name: the folder name of its class folders (``s3://b/datasets/flowers`` -> ``flowers``), or of
+    the dataset itself where the manifest records no source. Model packages are named after it by default."""
+    source = str(manifest.get("source") or dataset_uri).rstrip("/")
+    return source.rsplit("/", 1)[-1] or "dataset"
+
+
 def write_manifest(dataset_uri: str, manifest: dict[str, Any]) -> str:
     """Write ``manifest.json`` (atomically on local disk, one PUT on S3); returns its URI."""
     uri = manifest_uri(dataset_uri)

@@ -109,8 +109,7 @@ class ClassifierIngress:
         self.cfg = ServeConfig(**config)
         self.meta = read_package_meta(model_uri)
         self.classes: list[str] = list(self.meta["classes"])
-        self.name = str(self.meta.get("name", self.meta["architecture"]))
-        self.version = str(self.meta.get("version", "1"))
+        self.name, self.version = self.meta["name"], self.meta["version"]  # read_package_meta always sets both
         self.transform = create_image_transform(self.meta["data_config"])
         self.api_key = self._read_api_key()
 

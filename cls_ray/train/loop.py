@@ -2,12 +2,12 @@
 
 In: the run's config and dataset facts, this rank's dataset shards, the checkpoint to resume from
 (``ray.train.get_checkpoint()``). Out: one ``ray.train.report`` per epoch from every rank; on evaluation epochs rank 0
-attaches the full train state as a checkpoint, and rewrites the metrics history file of the run.
+attaches the full train state as a checkpoint; rank 0 writes each epoch's history record once
+(:mod:`cls_ray.train.history`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -20,17 +20,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cls_ray import storage
 from cls_ray.config import Config
 from cls_ray.data.pipeline import iter_eval_batches, iter_train_batches
+from cls_ray.train.history import drop_records_after, write_record
 from cls_ray.train.spec import RunSpec
 from cls_ray.train.state import Progress, capture_rng_state, load_train_state, save_train_state
 from cls_ray.train.step import Worker, build_worker, distribute_bn_stats, train_one_epoch, validate
 
 logger = logging.getLogger(__name__)
-
-HISTORY_FILE = "metrics.jsonl"
-
 
 def _improved(progress: Progress, cfg: Config) -> bool:
     value = progress.last_eval.get(cfg.train.metric)
@@ -45,10 +42,12 @@ def _improved(progress: Progress, cfg: Config) -> bool:
     return better
 
 
-def _report(w: Worker, progress: Progress, metrics: dict[str, float], with_checkpoint: bool, rank: int) -> None:
-    """Every rank reports; on checkpoint epochs rank 0 attaches the full train state (all ranks' RNG included)."""
+def _report(w: Worker, progress: Progress, metrics: dict[str, float], evaluation: dict[str, Any] | None,
+            rank: int) -> None:
+    """Every rank reports; on evaluation epochs (``evaluation`` given) rank 0 attaches the full train state (all
+    ranks' RNG included) and the evaluation's per-class metrics and confusion matrix as a checkpoint."""
     name = f"epoch-{progress.epoch:04d}"
-    if not with_checkpoint:
+    if evaluation is None:
         ray.train.report(metrics)
         return
     rng_states = [None] * dist.get_world_size() if dist.is_initialized() else [capture_rng_state()]
@@ -58,14 +57,8 @@ def _report(w: Worker, progress: Progress, metrics: dict[str, float], with_check
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
     with tempfile.TemporaryDirectory(prefix="cls-ray-ckpt-") as tmp:
-        save_train_state(tmp, w.objs, progress, rng_states)
+        save_train_state(tmp, w.objs, progress, rng_states, evaluation)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-
-
-def write_history(run_uri: str, history: list[dict[str, Any]]) -> None:
-    """Rewrite the run's JSON-lines metrics history (one record per epoch, resumed runs included)."""
-    lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in history)
-    storage.write_bytes(storage.join(run_uri, HISTORY_FILE), lines.encode())
 
 
 def format_progress(metrics: dict[str, float], epochs: int) -> str:
@@ -96,16 +89,27 @@ def _setup_logging() -> None:
         pkg.setLevel(logging.INFO)
 
 
-def _resume(w: Worker, rank: int, world: int) -> Progress:
+def _resume(w: Worker, spec: RunSpec, rank: int, world: int) -> Progress:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
+        if rank == 0:
+            drop_records_after(spec.run_uri, 0)  # a fresh start of a run whose attempt died before any checkpoint
         return Progress()
     with checkpoint.as_directory() as directory:
         progress = load_train_state(directory, w.objs, rank, world)
     progress.resumed_from = progress.epoch
     if rank == 0:
-        logger.info("resumed from %s after epoch %d", os.path.basename(checkpoint.path), progress.epoch)
+        dropped = drop_records_after(spec.run_uri, progress.epoch)
+        logger.info("resumed from %s after epoch %d%s", os.path.basename(checkpoint.path), progress.epoch,
+                    f" (epochs {dropped[0]}-{dropped[-1]} run again)" if dropped else "")
     return progress
+
+
+def end_epoch(run_uri: str, progress: Progress, metrics: dict[str, float], evaluation: dict[str, Any] | None) -> None:
+    """Rank 0's record of epoch ``progress.epoch`` in the run's history, written once."""
+    per_class = {"per_class": evaluation["per_class"]} if evaluation is not None else {}
+    write_record(run_uri, {**metrics, **per_class, "evaluated": evaluation is not None,
+                           "resumed_from": progress.resumed_from})
 
 
 def _train_batches(cfg: Config, spec: RunSpec, world: int, device: torch.device) -> Any:
@@ -129,26 +133,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed(cfg.train.seed, rank)
     device = ray.train.torch.get_device()
     w = build_worker(cfg, spec, device, wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False))
-    progress = _resume(w, rank, world)
+    progress = _resume(w, spec, rank, world)
     train_batches = _train_batches(cfg, spec, world, device)
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
         metrics = {"epoch": epoch, **train_one_epoch(w, train_batches(epoch), progress)}
         w.objs.scheduler.step(epoch)
-        evaluate = epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs
-        details: dict[str, Any] = {}
+        evaluation: dict[str, Any] | None = None
         stop = False
-        if evaluate:
+        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             distribute_bn_stats(w, cfg.train.dist_bn)
-            progress.last_eval, details = validate(w, iter_eval_batches(val_shard, cfg.data, device))
+            progress.last_eval, evaluation = validate(w, iter_eval_batches(val_shard, cfg.data, device))
             patience = cfg.train.early_stopping_patience
             stop = not _improved(progress, cfg) and patience is not None and progress.evals_since_best >= patience
         metrics.update(progress.last_eval)
         progress.epoch = epoch
-        progress.history.append({**metrics, **details, "evaluated": evaluate, "resumed_from": progress.resumed_from})
-        _report(w, progress, metrics, with_checkpoint=evaluate, rank=rank)
         if rank == 0:
-            write_history(spec.run_uri, progress.history)
+            # Before the checkpoint: a process lost in between resumes from the previous one, which drops this record.
+            end_epoch(spec.run_uri, progress, metrics, evaluation)
+        _report(w, progress, metrics, evaluation, rank=rank)
+        if rank == 0:
             logger.info(format_progress(metrics, cfg.train.epochs))
         if stop:
             if rank == 0:

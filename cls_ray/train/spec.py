@@ -20,7 +20,7 @@ class RunSpec:
     data_config: dict[str, Any]
     """timm data config of the model (mean/std for on-device normalisation)."""
     run_uri: str
-    """``{storage_path}/{run_name}``: holds the checkpoints and :data:`cls_ray.train.loop.HISTORY_FILE`."""
+    """``{storage_path}/{run_name}``: holds the checkpoints and the metrics history (:mod:`cls_ray.train.history`)."""
     updates_per_epoch: int
     """Optimizer updates per epoch on each worker (per-update LR schedules)."""
     train_beton_uri: str | None = None

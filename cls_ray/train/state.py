@@ -6,8 +6,10 @@ A checkpoint directory holds
 - ``ema.safetensors``: the EMA weights, when EMA is on;
 - ``train_state.pt``: optimizer, LR scheduler, GradScaler and the RNG states of every rank, read back with
   ``torch.load(weights_only=True)`` (tensors and plain containers only: no pickle from storage);
-- ``checkpoint.json``: epoch, update count, early-stopping progress, this epoch's metrics and the metrics
-  history up to this epoch (so a resumed run rewrites the history file without gaps or repeats).
+- ``checkpoint.json``: epoch, update count, early-stopping progress and this epoch's flat metrics;
+- ``evaluation.json``: this epoch's per-class metrics and confusion matrix.
+
+Nothing in a checkpoint grows with the epochs: the per-epoch history lives apart (:mod:`cls_ray.train.history`).
 
 Knows nothing of Ray: the loop hands it plain directories.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "ema.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "checkpoint.json"
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass
@@ -45,8 +48,6 @@ class Progress:
     """Evaluations since the best one (early stopping)."""
     last_eval: dict[str, float] = field(default_factory=dict)
     """Flat metrics of the latest evaluation (carried by every report)."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """One record per epoch: the report's flat metrics plus per-class metrics and the confusion matrix."""
     resumed_from: int | None = None
     """The checkpoint epoch this process resumed from (None for a fresh start); recorded in the history."""
 
@@ -88,8 +89,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_train_state(directory: str, objs: TrainObjects, progress: Progress, rng_states: list[dict]) -> None:
-    """Write a complete checkpoint into a local ``directory`` (rank 0 only; ``rng_states`` holds every rank's)."""
+def save_train_state(directory: str, objs: TrainObjects, progress: Progress, rng_states: list[dict],
+                     evaluation: dict[str, Any] | None = None) -> None:
+    """Write a complete checkpoint into a local ``directory`` (rank 0 only; ``rng_states`` holds every rank's;
+    ``evaluation``: this epoch's per-class metrics and confusion matrix)."""
     os.makedirs(directory, exist_ok=True)
     save_file(_weights(objs.model), os.path.join(directory, WEIGHTS_FILE))
     if objs.ema is not None:
@@ -101,6 +104,9 @@ def save_train_state(directory: str, objs: TrainObjects, progress: Progress, rng
         "rng": rng_states,
     }
     torch.save(state, os.path.join(directory, STATE_FILE))
+    if evaluation is not None:
+        with open(os.path.join(directory, EVALUATION_FILE), "w") as f:
+            json.dump(evaluation, f, separators=(",", ":"))
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(asdict(progress), f)
 
@@ -129,7 +135,19 @@ def load_train_state(directory: str, objs: TrainObjects, rank: int, world_size: 
 
 def read_progress(directory: str) -> Progress:
     with open(os.path.join(directory, META_FILE)) as f:
-        return Progress(**json.load(f))
+        saved = json.load(f)
+    # Checkpoints of earlier versions also carried the whole history; it lives in RUN/history/ now.
+    known = {f.name for f in fields(Progress)}
+    return Progress(**{k: v for k, v in saved.items() if k in known})
+
+
+def read_evaluation(directory: str) -> dict[str, Any] | None:
+    """The per-class metrics and confusion matrix saved with a checkpoint (None if it has none)."""
+    path = os.path.join(directory, EVALUATION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def read_package_weights(directory: str) -> tuple[dict[str, torch.Tensor], bool]:

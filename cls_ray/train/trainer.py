@@ -23,11 +23,12 @@ from cls_ray import storage
 from cls_ray.config import Config, ConfigError, to_dict, with_absolute_paths, write_resolved
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import SharedSplit, build_eval_dataset, build_train_dataset
-from cls_ray.package import save_model_package
+from cls_ray.package import package_name, save_model_package
 from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
 from cls_ray.ray_connect import ensure_ray
-from cls_ray.train.loop import HISTORY_FILE, train_loop_per_worker
+from cls_ray.train.history import HISTORY_DIR
+from cls_ray.train.loop import train_loop_per_worker
 from cls_ray.train.spec import RunSpec
 from cls_ray.train.splits import EvalSplitsExact
 from cls_ray.train.state import read_package_weights, read_progress
@@ -223,6 +224,7 @@ def export_package(result: ray.train.Result, data_uri: str, cfg: Config, package
     model = timm.create_model(cfg.model.name, pretrained=False, num_classes=len(classes), **kwargs)
     model.load_state_dict(state)
     meta = {
+        "name": cfg.train.package_name or package_name(manifest_lib.dataset_name(data_uri, manifest)),
         "architecture": cfg.model.name,
         "classes": classes,
         "data_config": data_config_for(cfg.model),
@@ -277,7 +279,7 @@ def train(data_uri: str, cfg: Config) -> TrainResult:
     metrics = {"epoch": progress.epoch, **progress.last_eval}
     logger.info("best epoch %d: %s; package %s; history %s", progress.epoch,
                 ", ".join(f"{k} {v:.4f}" for k, v in progress.last_eval.items() if k in ("val_top1", "val_f1_macro")),
-                package_uri, storage.join(run_uri, HISTORY_FILE))
+                package_uri, storage.join(run_uri, HISTORY_DIR))
     return TrainResult(run_uri=run_uri, package_uri=package_uri, metrics=metrics,
                        checkpoint_uri=_checkpoint_uri(best, cfg.train.storage_path))
 
