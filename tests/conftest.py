@@ -94,3 +94,41 @@ def write_digits_folders(root: Path, per_class: int | None = None, size: int = 3
 def digits_folders(tmp_path_factory) -> Path:
     """All 1797 digits as class folders (10 classes, ~180 each), 32x32 PNGs. Treat as read-only."""
     return write_digits_folders(tmp_path_factory.mktemp("digits"))
+
+
+#: The tiny real training run whose package the report, export, predict and serve tests share (one per session).
+TRAINED_PACKAGE_OVERRIDES = [
+    "model.name=resnet10t", "model.image_size=32", "model.crop_pct=1.0", "data.batch_size=32",
+    "data.auto_augment=null", "data.color_jitter=0", "data.re_prob=0", "data.scale=[0.6,1.0]",
+    "data.eval_batch_size=128", "data.decode_cpus=0.5", "data.decode_concurrency=1", "optim.lr=0.003",
+    "optim.warmup_epochs=0", "train.epochs=4", "train.num_workers=1", "train.cpus_per_worker=1",
+    "train.run_name=shared", "train.package_name=digits",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_package(tmp_path_factory) -> dict[str, Path]:
+    """A model package from a real ``cls-ray ingest`` + ``cls-ray train`` run (ResNet-10-T, 32 px, 4 epochs on
+    1,000 digits: ~0.9 validation top-1), made once per test session in a child process with its own Ray instance.
+
+    Yields ``{"package", "dataset", "run", "folders"}``: the package (named ``digits``), its dataset (700 train /
+    150 val / 150 test), the run directory (checkpoints, ``history/``) and the class folders it was ingested from.
+    Treat all of them as read-only.
+    """
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("trained-package")
+    folders = write_digits_folders(root / "digits", per_class=100)
+    dataset, runs = root / "dataset", root / "runs"
+    cli = [sys.executable, "-m", "cls_ray.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = root / "train.log"
+    with open(log, "wb") as out:
+        for args in (["ingest", str(folders), str(dataset)],
+                     ["train", "--data", str(dataset), *(a for o in TRAINED_PACKAGE_OVERRIDES for a in ("--set", o)),
+                      "--set", f"train.storage_path={runs}"]):
+            done = subprocess.run(cli + args, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900, check=False)
+            assert done.returncode == 0, f"cls-ray {args[0]} failed:\n{log.read_text()[-4000:]}"
+    run = runs / "shared"
+    return {"package": run / "package", "dataset": dataset, "run": run, "folders": folders}
