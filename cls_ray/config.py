@@ -170,6 +170,10 @@ class DataConfig:
     progress_bars: bool = False
     """Ray Data's per-operator progress bars for the train/val pipelines (one set per epoch; the per-epoch training
     line reports throughput and data wait either way)."""
+    idle_backoff: bool = True
+    """Let Ray Data's scheduling loop sleep (1-50 ms) after steps that moved nothing, instead of spinning at
+    thousands of steps a second while the consumer (the training workers) is the bottleneck. It reads Ray internals:
+    where a Ray upgrade changed them it turns itself off with one warning (:mod:`cls_ray.data.backoff`)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", "must be at least 1")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import ray
 
+from cls_ray import ray_internals, storage
+
 logger = logging.getLogger(__name__)
 
 
 def recorded_address() -> tuple[Path, str | None]:
     """The file ``ray.init()`` reads when given no address, and the address it records (``None`` if none)."""
-    from ray._common.utils import get_ray_address_file  # where Ray 2.60's ray.init() itself looks
-
-    path = Path(get_ray_address_file(None))
+    path = ray_internals.ray_address_file()  # where ray.init() itself looks (a Ray internal)
     try:
         address = path.read_text().strip()
     except (FileNotFoundError, NotADirectoryError):
@@ -49,12 +49,16 @@ def ensure_ray(*, existing_cluster: bool = False) -> None:
     of a ``ray start`` cluster (``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``)."""
     if ray.is_initialized():
         return
+    # S3-compatible stores: a local instance inherits this process's environment; a cluster started elsewhere gets
+    # the variables cls-ray chose through this job's runtime env (Ray Data tasks, train workers, trials, replicas).
+    compat = storage.s3_compat_env()
+    runtime_env = {"env_vars": compat} if compat else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=runtime_env)
         return
     path, address = recorded_address()
     if address is not None and answers(address):
-        ray.init(address="auto" if existing_cluster else None)
+        ray.init(address="auto" if existing_cluster else None, runtime_env=runtime_env)
         return
     if address is not None:
         logger.warning("ignoring %s: it records a Ray cluster at %s, but nothing answers there (a Ray instance "

@@ -12,6 +12,10 @@ calls after every scheduling step): when a step changed nothing (no input taken,
 output produced or handed to the consumer), it sleeps, 1 ms at first and doubling up to :data:`MAX_SLEEP_S`; any
 progress resets it. Ray's own loop waits up to 100 ms for a task, so the added delay is within what it already
 tolerates, and it only ever happens while nothing can move.
+
+The hook and the counters are Ray internals (:mod:`cls_ray.ray_internals`): where an upgrade changed them, the
+backoff is not installed or turns itself off at its first step, with one warning, and Ray Data runs as it would
+without cls-ray. ``data.idle_backoff: false`` turns it off on purpose.
 """
 
 from __future__ import annotations
@@ -19,39 +23,38 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+from cls_ray import ray_internals
 
 if TYPE_CHECKING:
     from ray.data import DataContext
-    from ray.data._internal.execution.streaming_executor import StreamingExecutor
 
 MIN_SLEEP_S = 0.001
 MAX_SLEEP_S = 0.05
 
-_PROGRESS_METRICS = (
-    "num_inputs_received",
-    "num_tasks_submitted",
-    "num_tasks_finished",
-    "num_task_outputs_generated",
-    "num_outputs_taken",
-    "num_external_inqueue_blocks",
-    "num_external_outqueue_blocks",
-)
-"""Operator counters that move whenever the pipeline makes progress (read directly: a rename in Ray fails loudly)."""
+_HOOK = ray_internals.execution_callback_base()
+"""Ray Data's execution-callback base class; ``None`` where Ray no longer has it (then nothing is installed)."""
 
 
-class IdleBackoff(ExecutionCallback):
-    """Sleep after scheduling steps that made no progress (see the module docstring)."""
+class IdleBackoff(_HOOK or object):  # type: ignore[misc]
+    """Sleep after scheduling steps that made no progress (see the module docstring).
+
+    The operators' progress counters are Ray internals (:func:`cls_ray.ray_internals.data_progress`): where they
+    cannot be read, the first step says so (one warning per process) and the backoff stops sleeping for good."""
 
     def __init__(self) -> None:  # Ray Data makes one instance per execution (each epoch)
         self._last: tuple[int, ...] | None = None
         self._sleep = 0.0
+        self.disabled = False
 
-    def on_execution_step(self, executor: StreamingExecutor) -> None:
-        topology = executor._topology
-        if not topology:
+    def on_execution_step(self, executor: object) -> None:
+        if self.disabled:
             return
-        state = tuple(getattr(op.metrics, name) for op in topology for name in _PROGRESS_METRICS)
+        state = ray_internals.data_progress(executor)
+        if state is None:
+            self.disabled = True
+            return
+        if not state:
+            return
         if state != self._last:
             self._last, self._sleep = state, 0.0
             return
@@ -59,7 +62,9 @@ class IdleBackoff(ExecutionCallback):
         time.sleep(self._sleep)
 
 
-def install(context: DataContext) -> None:
-    """Add :class:`IdleBackoff` to a dataset's context (once)."""
-    if IdleBackoff not in context.custom_execution_callback_classes:
-        context.custom_execution_callback_classes.append(IdleBackoff)
+def install(context: DataContext) -> bool:
+    """Add :class:`IdleBackoff` to a dataset's context (once); ``False`` (with one warning) where this Ray has no
+    execution-callback hook. ``data.idle_backoff=false`` skips the call altogether."""
+    if _HOOK is None:
+        return False
+    return ray_internals.add_execution_callback(context, IdleBackoff)

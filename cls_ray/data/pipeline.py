@@ -284,11 +284,12 @@ def build_eval_dataset(data_uri: str, manifest: dict[str, Any], split: str, data
 def _decode(ds: ray.data.Dataset, fn: DecodeBatch, cfg: DataConfig) -> ray.data.Dataset:
     import ray.data
 
-    from cls_ray.data import backoff
-
     ds.context.enable_progress_bars = cfg.progress_bars  # this dataset's own context copy
     # While the training workers are slower than decoding, Ray Data's scheduling loop would spin (backoff.py).
-    backoff.install(ds.context)
+    if cfg.idle_backoff:
+        from cls_ray.data import backoff
+
+        backoff.install(ds.context)
     # Ray Data's reservation allocator gives each running operator an equal share of the CPUs (half reserved per
     # operator, the other half shared equally): with the shuffle beside it, decoding, the only heavy operator, got
     # half the cluster (1 decode task on 2 CPUs, ~8 on 16). Without reservations it may use every CPU the trainers

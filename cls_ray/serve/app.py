@@ -24,7 +24,7 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
-from cls_ray import storage
+from cls_ray import ray_internals, storage
 from cls_ray.config import ConfigError, ServeConfig, load_config, section_from_dict
 from cls_ray.package import read_package_meta
 from cls_ray.serve.deployment import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ClassifierIngress, ClassifierModel
@@ -152,14 +152,12 @@ def base_url(cfg: ServeConfig, host: str | None = None, port: int | None = None)
 
 
 def _running_http_address(cfg: ServeConfig) -> tuple[str, int]:
-    """Where Serve's proxies really listen: HTTP options apply only when Serve starts, not to a running one."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        http = _get_global_client().http_config
-        host, port = str(http.host), int(http.port)
-    except Exception:  # noqa: BLE001 - an internal API; fall back to what was asked for
+    """Where Serve's proxies really listen: HTTP options apply only when Serve starts, not to a running one (a Ray
+    internal tells; where it cannot, what was asked for)."""
+    running = ray_internals.serve_http_address()
+    if running is None:
         return cfg.host, cfg.port
+    host, port = running
     if port != cfg.port:
         logger.warning("Serve was already running on port %d in this cluster; serve.port=%d is not applied",
                        port, cfg.port)

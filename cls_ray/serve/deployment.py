@@ -25,6 +25,7 @@ from cls_ray.data.images import ImageDecodeError
 from cls_ray.data.transforms import create_image_transform
 from cls_ray.package import load_model_package, read_package_meta
 from cls_ray.predict import Predictor, preprocess_image
+from cls_ray.serve.api import create_api
 from cls_ray.serve.inputs import RequestError
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def decode_error(exc: ImageDecodeError, index: int) -> RequestError:
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT)
-@serve.ingress()
+@serve.ingress(create_api)  # a builder: Serve calls it on each replica, whose routes then read this object
 class ClassifierIngress:
     """HTTP ingress: the FastAPI app of :mod:`cls_ray.serve.api` over the model deployment.
 
@@ -123,11 +124,6 @@ class ClassifierIngress:
             raise ConfigError(f"serve.api_key_env names {env!r}, but that environment variable is empty on "
                                "this replica; set it in the cluster's environment")
         return key
-
-    def __serve_build_asgi_app__(self):
-        from cls_ray.serve.api import create_api
-
-        return create_api(self)
 
     def check_api_key(self, given: str | None) -> None:
         if self.api_key is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,12 +79,11 @@ JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 def jemalloc_env() -> dict[str, str]:
     """The environment variables that start a process on the ``libjemalloc.so`` Ray ships, purging off; empty where
-    this Ray installation has none (e.g. macOS)."""
-    library = os.path.join(os.path.dirname(ray.__file__), "core", "libjemalloc.so")
-    if not os.path.isfile(library):
-        logger.info("train.cpu_allocator: no %s in this Ray installation; workers use the system allocator", library)
-        return {}
-    return {"LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF}
+    this Ray installation has none (e.g. macOS; where a Linux one has none, one warning says so)."""
+    from cls_ray.ray_internals import ray_jemalloc_library  # the library's place in Ray's wheel is Ray's internal
+
+    library = ray_jemalloc_library()
+    return {"LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF} if library else {}
 
 
 def worker_runtime_env(cfg: Config) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""The search-space file format (version 1): parsing the YAML into a :class:`~cls_ray.tune.space.SearchSpace` and
-checking it against timm and the Config before anything runs. The format itself is described in
-:mod:`cls_ray.tune.space` and docs/design.md ("Search spaces")."""
+"""The search-space file format (version 1): parsing the YAML into a
+:class:`~cls_ray.tune.space_model.SearchSpace` and checking it against timm and the Config before anything runs.
+The format itself is described in :mod:`cls_ray.tune.space` and docs/design.md ("Search spaces")."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import timm
 from cls_ray import storage
 from cls_ray.config import Config, ConfigError, to_dict
 from cls_ray.models import check_architecture
-from cls_ray.tune.space import (
+from cls_ray.tune.space_model import (
     ARCH_PARAM,
     CONDITIONAL_SEP,
     Family,

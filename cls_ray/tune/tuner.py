@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from ray import tune as ray_tune
 
-from cls_ray import storage
+from cls_ray import ray_internals, storage
 from cls_ray.config import Config, dump_yaml, with_absolute_paths, write_resolved
 from cls_ray.tune.leaderboard import Leaderboard, build_leaderboard, print_leaderboard, write_leaderboard
 from cls_ray.tune.space import ARCH_PARAM, SearchSpace, load_search_space, trial_config
@@ -78,9 +78,12 @@ def experiment_uri(cfg: Config) -> str:
 
 def trial_name(trial: Any) -> str:
     """Deterministic trial (and directory) name: ``trial_{n:04d}_{architecture}``, n counting from 1 in the order
-    the searcher created them. No timestamps or random ids, so a resumed experiment keeps its names."""
-    index = int(str(trial.experiment_tag).split("_", 1)[0])
-    return f"trial_{index:04d}_{trial.config.get(ARCH_PARAM, 'model')}"
+    the searcher created them. No timestamps or random ids, so a resumed experiment keeps its names (restored trials
+    keep theirs; only new trials are named). Where Tune's tag no longer gives n (a Ray internal), the trial's own
+    ``trial_id`` stands in for it: unique, just not in creation order."""
+    index = ray_internals.trial_index(trial)
+    number = f"{index:04d}" if index is not None else str(trial.trial_id)
+    return f"trial_{number}_{trial.config.get(ARCH_PARAM, 'model')}"
 
 
 def trial_base_config(cfg: Config, exp_uri: str) -> Config:
@@ -322,6 +325,7 @@ def tune(data_uri: str, cfg: Config) -> TuneResult:
 
 def promote_best(board: Leaderboard, data_uri: str, base: Config, exp: str, leaderboard_uri: str) -> TuneResult:
     """Export the best trial's best checkpoint as ``EXPERIMENT/best`` and optionally evaluate it on the test split."""
+    from cls_ray.train.results import load_run_result
     from cls_ray.train.trainer import export_package
 
     best = board.best()
@@ -366,15 +370,6 @@ def print_tune_result(result: TuneResult) -> None:
     if "top1" in test:
         line += f", test top1 {test['top1']:.4f}"
     Console().print(f"{line}\nmodel package: {result.best_package_uri}\nleaderboard: {result.leaderboard_uri}")
-
-
-def load_run_result(run_uri: str) -> Any:
-    """The ``ray.train.Result`` of a trial's Train run, read back from its storage (checkpoints + metrics): the
-    trial's driver is gone by now, and ASHA-stopped trials never returned one."""
-    from ray.train import Result
-
-    fs, path = storage.resolve(run_uri)
-    return Result.from_path(path, storage_filesystem=fs)
 
 
 def _summary(result: TuneResult) -> dict[str, Any]:
