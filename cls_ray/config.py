@@ -33,6 +33,34 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+"""A ``model.pretrained`` ending in one of these names a weights file, not a hub tag."""
+PretrainedSource = Literal["timm", "hf-hub", "file"]
+
+
+def pretrained_source(pretrained: str | None) -> PretrainedSource | None:
+    """Where the weights ``model.pretrained`` names come from; None when it names none.
+
+    ``hf-hub``: an ``hf-hub:ORG/NAME`` Hugging Face Hub repository, which timm downloads (config and weights);
+    ``file``: a local path, ``file://`` or ``s3://`` URI, or a name with a suffix of :data:`WEIGHT_SUFFIXES`;
+    ``timm``: a timm hub tag (``resnet50.a1_in1k``, or a bare architecture for its default weights).
+    """
+    if not pretrained:
+        return None
+    from timm.models import parse_model_name
+
+    try:
+        source, _ = parse_model_name(pretrained)
+    except ValueError:  # timm refuses paths and URIs as model names: they are files here
+        source = None
+    if source == "hf-hub":
+        return "hf-hub"
+    if (storage.is_remote(pretrained) or pretrained.startswith("file://") or "/" in pretrained
+            or os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES)):
+        return "file"
+    return "timm"
+
+
 @dataclass
 class IngestConfig:
     """How class folders become dataset shards."""
@@ -93,10 +121,12 @@ class ModelConfig:
     name: str = "resnet10t"
     """timm architecture name (``timm.list_models()``)."""
     pretrained: str | None = None
-    """None (random init), a timm hub tag such as ``resnet50.a1_in1k`` (needs internet), or a local path or
-    s3:// URI of a weights file (.safetensors or a state-dict .pt/.pth)."""
+    """None (random init), a timm hub tag of ``name``'s architecture such as ``resnet50.a1_in1k``, a Hugging Face
+    Hub repository ``hf-hub:ORG/NAME`` holding a timm model of that architecture (both need internet), or a local
+    path or s3:// URI of a weights file (.safetensors or a state-dict .pt/.pth). See :func:`pretrained_source`."""
     mode: Literal["scratch", "finetune", "frozen"] = "scratch"
-    """``scratch``: random init; ``finetune``: all weights train; ``frozen``: only the new head trains."""
+    """``scratch``: random init (``pretrained`` is not loaded); ``finetune``: all weights train; ``frozen``: only the
+    new head trains. ``finetune`` and ``frozen`` need ``pretrained``."""
     image_size: int | None = None
     """Input side in pixels; None uses the model's default."""
     drop_rate: float = 0.0
@@ -113,8 +143,35 @@ class ModelConfig:
         _check(0 <= self.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "model.crop_pct", "must be in (0, 1] or null")
-        _check(self.mode != "frozen" or self.pretrained is not None, "model.mode",
-               "'frozen' needs model.pretrained (a frozen random backbone learns nothing)")
+        # Without weights, finetune would silently train from scratch and frozen would train a head on noise.
+        _check(self.mode == "scratch" or bool(self.pretrained), "model.mode",
+               f"{self.mode!r} needs model.pretrained (weights to start from: a timm hub tag such as "
+               f"resnet50.a1_in1k, hf-hub:ORG/NAME, or a weights file); set model.pretrained, or use "
+               f"model.mode=scratch")
+        self._check_hub_tag()
+
+    def _check_hub_tag(self) -> None:
+        """A timm hub tag holds the weights of one architecture, and that must be ``name``'s: timm builds the tag's
+        architecture, while the model package records ``name``."""
+        if pretrained_source(self.pretrained) != "timm":
+            return
+        import timm
+        from timm.models import split_model_name_tag
+
+        tag_arch, tag = split_model_name_tag(self.pretrained)
+        arch = split_model_name_tag(self.name)[0]
+        _check(timm.is_model(tag_arch), "model.pretrained",
+               f"{self.pretrained!r} is neither a weights file (a path, file:// or s3:// URI, or a name ending in "
+               f"{', '.join(WEIGHT_SUFFIXES)}) nor a timm hub tag (ARCHITECTURE.TAG, e.g. resnet50.a1_in1k) nor "
+               f"hf-hub:ORG/NAME")
+        _check(tag_arch == arch, "model.pretrained",
+               f"hub tag {self.pretrained!r} holds weights of {tag_arch!r}, not of model.name {self.name!r}; set "
+               f"model.pretrained to a tag of {arch!r} ({', '.join(timm.list_pretrained(f'{arch}.*')[:4]) or 'none'}"
+               f"), or model.name={tag_arch}")
+        known = timm.list_pretrained(f"{arch}.*")
+        _check(self.pretrained in known if tag else bool(known), "model.pretrained",
+               f"timm has no pretrained weights {self.pretrained!r}; tags of {arch!r}: "
+               f"{', '.join(known[:8]) or 'none'}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""timm model creation: architecture by name, pretrained weights from the hub, a local file or s3://, freezing.
+"""timm model creation: architecture by name, pretrained weights from the timm or Hugging Face hub (``hf-hub:``), a
+local file or s3://, freezing.
 
 Knows nothing of Ray or DDP.
 """
@@ -7,18 +8,15 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 
 import timm
 import torch
 from torch import nn
 
 from cls_ray import storage
-from cls_ray.config import ConfigError, ModelConfig
+from cls_ray.config import ConfigError, ModelConfig, PretrainedSource, pretrained_source
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def check_architecture(name: str, key: str = "model.name") -> None:
@@ -31,11 +29,6 @@ def check_architecture(name: str, key: str = "model.name") -> None:
     close = timm.list_models(f"*{base.split('_')[0]}*")[:8]
     hint = f"; close matches: {', '.join(close)}" if close else ""
     raise ConfigError(f"{key}: timm has no architecture {name!r}{hint}")
-
-
-def _is_weights_file(pretrained: str) -> bool:
-    return storage.is_remote(pretrained) or pretrained.startswith("file://") or os.path.sep in pretrained or \
-        pretrained.endswith(WEIGHT_SUFFIXES)
 
 
 def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
@@ -91,18 +84,46 @@ def _accepts_img_size(name: str) -> bool:
     return True
 
 
+def weights_source(cfg: ModelConfig) -> PretrainedSource | None:
+    """Where the weights :func:`create_model` starts from come from (``timm``, ``hf-hub`` or ``file``, see
+    :func:`cls_ray.config.pretrained_source`); None for a random init (``model.mode=scratch``)."""
+    return pretrained_source(cfg.pretrained) if cfg.mode != "scratch" else None
+
+
+def _check_hf_hub_architecture(cfg: ModelConfig) -> None:
+    """An ``hf-hub:ORG/NAME`` repository names its architecture in its ``config.json`` (downloaded here, as timm
+    does): timm builds that architecture, and the model package records ``model.name``, so they must agree."""
+    from timm.models import get_arch_name, load_model_config_from_hf, parse_model_name
+
+    _, repo = parse_model_name(cfg.pretrained)
+    _, architecture, _ = load_model_config_from_hf(repo)
+    if get_arch_name(architecture) != get_arch_name(cfg.name):
+        raise ConfigError(f"model.pretrained: {cfg.pretrained} holds weights of {architecture!r}, not of model.name "
+                          f"{cfg.name!r}; set model.name={architecture}, or model.pretrained to weights of "
+                          f"{cfg.name!r}")
+
+
+def _timm_name(cfg: ModelConfig) -> str:
+    """The name :func:`timm.create_model` gets: a hub tag (``resnet50.a1_in1k``: that tag's weights and
+    preprocessing) or ``hf-hub:ORG/NAME`` (the repository's) when the weights come from a hub, else ``model.name``.
+    The Config refuses a timm tag of another architecture; an ``hf-hub:`` repository is checked here."""
+    source = weights_source(cfg)
+    if source == "hf-hub":
+        _check_hf_hub_architecture(cfg)
+        return cfg.pretrained
+    return cfg.pretrained if source == "timm" and "." in cfg.pretrained else cfg.name
+
+
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Create a timm model for ``num_classes`` classes, load its pretrained weights and apply ``cfg.mode``."""
     check_architecture(cfg.name)
-    pretrained = cfg.pretrained
-    from_hub = bool(pretrained) and cfg.mode != "scratch" and not _is_weights_file(pretrained)
+    source = weights_source(cfg)
     kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate, **model_kwargs(cfg)}
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    name = pretrained if from_hub and "." in pretrained else cfg.name
-    model = timm.create_model(name, pretrained=from_hub, **kwargs)
-    if pretrained and cfg.mode != "scratch" and not from_hub:
-        _load_pretrained_file(model, pretrained)
+    model = timm.create_model(_timm_name(cfg), pretrained=source in ("timm", "hf-hub"), **kwargs)
+    if source == "file":
+        _load_pretrained_file(model, cfg.pretrained)
     if cfg.mode == "frozen":
         freeze_backbone(model)
     return model
@@ -111,9 +132,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 def data_config_for(cfg: ModelConfig) -> dict:
     """The preprocessing (timm data config) of the model ``cfg`` describes, without allocating its weights."""
     check_architecture(cfg.name)
-    # A hub tag (``resnet50.a1_in1k``) carries its own mean/std/crop; weight files use the architecture's default.
-    hub_tag = cfg.pretrained if cfg.pretrained and not _is_weights_file(cfg.pretrained) else None
-    name = hub_tag if hub_tag and "." in hub_tag else cfg.name
+    # Hub weights carry their own mean/std/crop (the same model timm builds in create_model); weight files and
+    # random inits use the architecture's default.
+    name = _timm_name(cfg)
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, num_classes=1, **model_kwargs(cfg))
     data_config = model_data_config(model, cfg.image_size)

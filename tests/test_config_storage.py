@@ -149,6 +149,6 @@ def test_relative_paths_become_absolute_and_uris_do_not(tmp_path, monkeypatch):
     assert out.train.storage_path == "s3://b/runs" and out.tune.storage_path == str(tmp_path / "runs")
     assert out.tune.space == str(tmp_path / "space.yaml") and out.model.pretrained == str(tmp_path / "w.safetensors")
     assert cfg.workdir == "work"  # the caller's config is left as it was
-    hub = with_absolute_paths(load_config(None, ["model.pretrained=resnet18.a1_in1k"]))
+    hub = with_absolute_paths(load_config(None, ["model.name=resnet18", "model.pretrained=resnet18.a1_in1k"]))
     assert hub.model.pretrained == "resnet18.a1_in1k"  # a hub name, not a file here
     assert storage.absolute("file:///x/y") == "file:///x/y" and storage.absolute("~/a") == os.path.expanduser("~/a")

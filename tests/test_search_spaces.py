@@ -27,6 +27,7 @@ REQUIRED = {
     "quick": {"resnet10t", "mobilenetv3_small_050"},
     "cnn": {"resnet18", "resnet50", "resnet101", "efficientnet_b0", "mobilenetv3_small_100"},
     "vit": {"vit_small_patch16_224", "vit_base_patch16_224"},
+    "gpu": {"resnet18", "resnet50", "efficientnet_b0", "vit_small_patch16_224"},
 }
 
 
@@ -46,7 +47,7 @@ def _sample(space, n: int, seed: int = 0) -> list[tuple[dict, dict]]:
 
 def test_every_required_space_is_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"quick", "cnn", "vit", "default"} <= names
+    assert {"quick", "cnn", "vit", "default", "gpu"} <= names
     default = load_search_space(str(SPACES_DIR / "default.yaml"))
     assert set().union(*(REQUIRED[k] for k in ("cnn", "vit"))) <= set(default.architectures)
 

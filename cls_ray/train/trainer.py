@@ -58,13 +58,12 @@ def _check_metric(cfg: Config) -> None:
 
 
 def _check_pretrained(cfg: Config) -> None:
-    from cls_ray.models import WEIGHT_SUFFIXES
+    """A weights file must exist; hub weights (timm tags, ``hf-hub:ORG/NAME``) are timm's to download."""
+    from cls_ray.models import weights_source
 
     pretrained = cfg.model.pretrained
-    if pretrained and cfg.model.mode != "scratch" and (
-            storage.is_remote(pretrained) or pretrained.endswith(WEIGHT_SUFFIXES) or "/" in pretrained):
-        if not storage.exists(pretrained):
-            raise ConfigError(f"model.pretrained: no weights file at {pretrained}")
+    if weights_source(cfg.model) == "file" and not storage.exists(pretrained):
+        raise ConfigError(f"model.pretrained: no weights file at {pretrained}")
 
 
 def _worker_resources(cfg: Config) -> dict[str, float]:
