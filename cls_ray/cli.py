@@ -47,6 +47,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cls_ray.predict import predict, print_prediction_summary
+
+    cfg = load_config(args.config, args.overrides)
+    print_prediction_summary(predict(args.model, args.src, args.dest, cfg.predict), rows=args.show)
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from cls_ray.tune.tuner import tune
 
@@ -115,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="where to write metrics (default: MODEL/eval-SPLIT)")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="score every image below a folder or s3:// prefix (Ray Data) into Parquet/CSV")
+    p.add_argument("model", help="model package URI")
+    p.add_argument("src", help="images: local dir or s3://bucket/prefix, any depth")
+    p.add_argument("dest", help="output directory (local or s3://); a re-run skips output files already written")
+    p.add_argument("--show", type=int, default=5, metavar="N", help="print the first N result rows (default 5)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("tune", help="architecture + hyperparameter search (Ray Tune, Optuna, ASHA)")
     p.add_argument("--data", required=True, help="dataset URI")
