@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/allocator.py
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/predict.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

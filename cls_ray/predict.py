@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -259,7 +260,9 @@ class ScoreImages:
 
 
 def _replica_count(cfg: PredictConfig) -> int:
-    """Model replicas the cluster can hold next to one decode task (at least ``min_replicas``)."""
+    """Model replicas the cluster can hold (at least ``min_replicas``): one per GPU; on CPUs, as many as fit beside
+    one decode task, or in all CPUs when decoding runs inside the replicas (Ray Data fuses the two stages when they
+    ask for the same resources)."""
     import ray
 
     if cfg.max_replicas is not None:
@@ -267,7 +270,8 @@ def _replica_count(cfg: PredictConfig) -> int:
     resources = ray.cluster_resources()
     if cfg.use_gpu:
         return max(cfg.min_replicas, int(resources.get("GPU", 0)))
-    return max(cfg.min_replicas, int((resources.get("CPU", 1) - cfg.decode_cpus) // cfg.replica_cpus))
+    beside = 0.0 if cfg.decode_cpus == cfg.replica_cpus else cfg.decode_cpus
+    return max(cfg.min_replicas, int((resources.get("CPU", 1) - beside) // cfg.replica_cpus))
 
 
 def _part_bytes(rows: Any, fmt: str) -> bytes:
@@ -334,14 +338,16 @@ def predict(model_uri: str, src: str, dest: str, cfg: PredictConfig | None = Non
     todo = {name: part for name, part in parts.items() if name not in done}
     logger.info("predict: %d files in %d output files (%d already written) with %s version %s", len(uris),
                 len(parts), len(parts) - len(todo), model["name"], model["version"])
+    timing = None
     if todo:
         ensure_ray()
-        _score_parts(model_uri, meta, todo, dest, suffix, model, cfg)
+        timing = _score_parts(model_uri, meta, todo, dest, suffix, model, cfg)
     for info in _existing_outputs(dest, suffix):  # outputs of an earlier SRC listing or model
         if posixpath.basename(info.path)[:-len(suffix)] not in parts:
             storage.delete(storage.join(dest, posixpath.basename(info.path)))
     summary = _summarise(dest, parts, suffix, model, model_uri, src, cfg)
     storage.write_json(storage.join(dest, SUMMARY_FILE), summary)
+    summary["timing"] = timing  # this run's, not part of the written summary (a re-run that skips all has none)
     logger.info("predict: scored %d of %d files (%d refused); results in %s", summary["scored"], summary["files"],
                 summary["refused"], dest)
     return summary
@@ -355,7 +361,9 @@ def _existing_outputs(dest: str, suffix: str) -> list:
 
 
 def _score_parts(model_uri: str, meta: dict[str, Any], todo: dict[str, list[str]], dest: str, suffix: str,
-                 model: dict[str, str], cfg: PredictConfig) -> None:
+                 model: dict[str, str], cfg: PredictConfig) -> dict[str, float | None]:
+    """Score the parts of ``todo`` and write each when complete; returns this run's timing (seconds to the first
+    result, in all, and the images/s after the first result)."""
     import pyarrow as pa
     import ray
     from tqdm import tqdm
@@ -373,8 +381,10 @@ def _score_parts(model_uri: str, meta: dict[str, Any], todo: dict[str, list[str]
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_replicas, max_size=_replica_count(cfg)))
     pending: dict[str, list] = {name: [] for name in todo}
     counts = dict.fromkeys(todo, 0)
+    start, first = time.perf_counter(), None
     with tqdm(total=len(paths), desc="predict", unit="img", mininterval=2.0) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            first = first or (time.perf_counter(), batch.num_rows)
             for name in set(batch["part"].to_pylist()):
                 rows = batch.filter(pa.compute.equal(batch["part"], name))
                 pending[name].append(rows)
@@ -385,6 +395,9 @@ def _score_parts(model_uri: str, meta: dict[str, Any], todo: dict[str, list[str]
             bar.update(batch.num_rows)
     if pending:
         raise RuntimeError(f"predict: output files {sorted(pending)[:3]} did not get all their rows")
+    end = time.perf_counter()
+    rate = (len(paths) - first[1]) / (end - first[0]) if end > first[0] and len(paths) > first[1] else None
+    return {"scoring_s": end - start, "first_result_s": first[0] - start, "steady_images_per_s": rate}
 
 
 def _read_part_errors(uri: str, fmt: str) -> list[str | None]:

@@ -96,3 +96,13 @@ def test_gpu_resnet50_runs_end_to_end_on_cpu(workdir):
     train_rows = read_manifest(str(dataset))["splits"]["train"]["num_rows"]
     assert run["timed_images"] == epochs * (train_rows // batch) * batch
     assert _positive(run["ratio_vs_synthetic"])
+
+
+def test_predict_scores_every_file_in_both_runs(workdir):
+    import predict
+
+    record = predict.main(["--images", "120", "--side", "48", "--image-size", "32", "--batch-size", "16",
+                           "--cores", "2", "--workdir", str(workdir)])
+    assert record["images"] == record["scored"] == 120
+    for key in ("baseline_images_per_s", "cls_ray_images_per_s", "speedup", "per_core_vs_baseline"):
+        assert _positive(record[key]), key

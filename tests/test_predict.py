@@ -87,7 +87,7 @@ def test_every_file_gets_one_row_with_the_serving_probabilities(ray_cluster, tra
     stamps = {p.name: p.stat().st_mtime_ns for p in parts}
     parts[1].unlink()
     again = predict(package, str(image_tree), str(dest), cfg)
-    assert again == summary
+    assert {k: v for k, v in again.items() if k != "timing"} == {k: v for k, v in summary.items() if k != "timing"}
     for p in parts:
         assert p.exists() and (p == parts[1] or p.stat().st_mtime_ns == stamps[p.name])
     rerun = read_predictions(str(dest))
