@@ -228,6 +228,30 @@ def test_http_predictions_equal_offline_for_every_encoding(main_url, packages):
     assert np.mean(expected.argmax(1) == np.array(truth)) >= 0.7
 
 
+def test_cls_ray_predict_gives_the_answers_of_v1_predict(main_url, packages, tmp_path):
+    from cls_ray.config import PredictConfig
+    from cls_ray.predict import predict, read_predictions
+
+    src = tmp_path / "incoming"
+    src.mkdir()
+    paths = packages["images"][:8]
+    for path in paths:
+        (src / path.name).write_bytes(path.read_bytes())
+    predict(packages["s3"], str(src), str(tmp_path / "out"), PredictConfig(top_k=3, replica_cpus=0.5,
+                                                                               decode_cpus=0.5, max_replicas=1))
+    rows = {Path(r["path"]).name: r for r in read_predictions(str(tmp_path / "out")).to_pylist()}
+    assert len(rows) == len(paths)
+    for path in paths:
+        r = requests.post(f"{main_url}/v1/predict?top_k=3", data=path.read_bytes(),
+                          headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        served = r.json()["predictions"][0]["top_k"]
+        row = rows[path.name]
+        assert row["top_k_classes"] == [t["class"] for t in served]
+        assert np.allclose(row["top_k_probabilities"], [t["probability"] for t in served], atol=1e-5)
+        assert row["model_version"] == r.json()["model"]["version"]
+
+
 def test_v2_infer_with_triton_client_and_raw_json(main_url, serve_port, packages):
     import tritonclient.http as triton
 
