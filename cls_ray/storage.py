@@ -5,6 +5,12 @@ A URI is a plain path, ``file://...`` or ``s3://bucket/prefix``. S3 and S3-compa
 variables and config files (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for an S3-compatible store,
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` ...), never from code or URIs, so they never
 reach logs, manifests or checkpoints. No other module special-cases S3.
+
+S3-compatible stores (MinIO, Ceph RGW, SeaweedFS...) work out of the box: with an endpoint override and no choice
+of the user's, :func:`s3_compat_env` turns the AWS SDKs' optional checksums to ``when_required``
+(see :data:`CHECKSUM_VARIABLES`). Transient errors (a store restarting, a reset connection) are retried with
+backoff for a bounded time (``CLS_RAY_S3_MAX_ATTEMPTS``); :func:`check_bucket` fails fast before any work when
+the endpoint, the credentials or the bucket are wrong.
 """
 
 from __future__ import annotations
@@ -21,6 +27,45 @@ import pyarrow.fs as pafs
 
 class StorageError(OSError):
     """A URI could not be read or written; the message names the URI and what to check."""
+
+
+#: The AWS SDK settings (environment variables, read by pyarrow's C++ SDK and boto3 alike) for optional checksums.
+#: Their SDK default, ``when_supported``, sends uploads aws-chunked with a trailing checksum, which MinIO-code
+#: gateways and older Ceph RGW refuse (``HTTP 411 MissingContentLength`` on ``UploadPart``).
+CHECKSUM_VARIABLES = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_compat_set: dict[str, str] = {}  # what s3_compat_env put into os.environ
+
+
+def endpoint_override() -> str | None:
+    """The S3-compatible store's URL from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; None for AWS S3 itself."""
+    return next((os.environ[k] for k in _ENDPOINT_VARIABLES if os.environ.get(k)), None)
+
+
+def s3_compat_env() -> dict[str, str]:
+    """Default :data:`CHECKSUM_VARIABLES` to ``when_required`` in this process's environment when an endpoint
+    override is in use and the user has set neither; returns the variables cls-ray set.
+
+    Child processes inherit them (a local Ray instance started afterwards, pebble workers); a Ray cluster that was
+    started elsewhere gets the returned variables through the job's runtime env (``ray_connect.ensure_ray``).
+    Checksums are then computed where an operation requires them, as every S3-compatible store accepts; AWS S3
+    itself (no endpoint override) keeps the SDK defaults.
+    """
+    if endpoint_override() and not any(k in os.environ and k not in _compat_set for k in CHECKSUM_VARIABLES):
+        for key in CHECKSUM_VARIABLES:
+            os.environ.setdefault(key, "when_required")
+            _compat_set[key] = os.environ[key]
+    return {k: v for k, v in _compat_set.items() if os.environ.get(k) == v}
+
+
+def boto3_config(**kwargs: Any) -> Any:
+    """A ``botocore.config.Config`` for boto3 clients cls-ray creates: the same checksum choice as pyarrow's."""
+    import botocore.config
+
+    s3_compat_env()
+    return botocore.config.Config(
+        request_checksum_calculation=os.environ.get(CHECKSUM_VARIABLES[0], "when_supported"),
+        response_checksum_validation=os.environ.get(CHECKSUM_VARIABLES[1], "when_supported"), **kwargs)
 
 
 def is_remote(uri: str) -> bool:
@@ -46,14 +91,17 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def _s3_options() -> dict[str, Any]:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+def _s3_options(max_attempts: int | None = None) -> dict[str, Any]:
+    endpoint = endpoint_override()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if max_attempts is None:
+        # The SDK's standard strategy backs off exponentially (capped at 20 s): 6 attempts retry a failing call for
+        # about 15 s, long enough for a store to restart, short enough that a dead one fails the run soon.
+        max_attempts = int(os.environ.get("CLS_RAY_S3_MAX_ATTEMPTS", "6"))
     options: dict[str, Any] = {
-        # Fail fast on an unreachable endpoint instead of the SDK's minutes of retries.
         "connect_timeout": float(os.environ.get("CLS_RAY_S3_CONNECT_TIMEOUT", "5")),
         "request_timeout": float(os.environ.get("CLS_RAY_S3_REQUEST_TIMEOUT", "60")),
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
     }
     if endpoint:
         options["endpoint_override"] = endpoint
@@ -65,14 +113,17 @@ def _s3_options() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _s3_filesystem(options_key: str) -> pafs.S3FileSystem:
+def _s3_filesystem(options_key: str, max_attempts: int | None = None) -> pafs.S3FileSystem:
     del options_key  # only part of the cache key: the environment the filesystem was built from
-    return pafs.S3FileSystem(**_s3_options())
+    # The SDK reads the checksum variables when a client is built (here, and where Ray unpickles this filesystem).
+    s3_compat_env()
+    return pafs.S3FileSystem(**_s3_options(max_attempts))
 
 
 def _s3_cache_key() -> str:
-    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    keys = (*_ENDPOINT_VARIABLES, "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_PROFILE", *CHECKSUM_VARIABLES, "CLS_RAY_S3_MAX_ATTEMPTS",
+            "CLS_RAY_S3_CONNECT_TIMEOUT", "CLS_RAY_S3_REQUEST_TIMEOUT")
     return "\0".join(os.environ.get(k, "") for k in keys)
 
 
@@ -84,6 +135,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         path = uri[len("s3://"):].strip("/")
         if not path:
             raise StorageError(f"{uri!r} names no bucket: use s3://BUCKET/PREFIX")
+        s3_compat_env()  # before the cache key: it may set variables the key holds
         return _s3_filesystem(_s3_cache_key()), path
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
@@ -97,15 +149,51 @@ def describe_error(uri: str, exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     hint = ""
     if is_remote(uri):
-        low = text.lower()
+        low, bucket = text.lower(), _bucket(uri)
+        store = endpoint_override() or "AWS S3"
         if "curl" in low or "connect" in low or "timeout" in low or "resolve" in low:
-            hint = " (is the S3 endpoint reachable? check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)"
+            hint = (f" (is the S3 endpoint reachable? cannot reach {store} for bucket {bucket!r}; check "
+                    f"AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)")
         elif any(k in low for k in ("access denied", "access_denied", "forbidden", "signature",
                                     "invalidaccesskeyid", "invalid_access_key_id")):
-            hint = " (check the AWS credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"
-        elif "nosuchbucket" in low or "bucket does not exist" in low:
-            hint = " (the bucket does not exist)"
+            hint = (f" (check the AWS credentials for bucket {bucket!r} at {store}: AWS_ACCESS_KEY_ID / "
+                    f"AWS_SECRET_ACCESS_KEY / AWS_PROFILE)")
+        elif "nosuchbucket" in low or "no_such_bucket" in low or "bucket does not exist" in low:
+            hint = (f" (the bucket does not exist: create bucket {bucket!r} at {store}, or set AWS_ENDPOINT_URL / "
+                    f"AWS_ENDPOINT_URL_S3 to the store that has it)")
     return f"{uri}: {text}{hint}"
+
+
+def _bucket(uri: str) -> str:
+    return uri[len("s3://"):].split("/", 1)[0]
+
+
+def check_bucket(uri: str) -> None:
+    """Fail fast, before any work, when an ``s3://`` URI's store cannot be used: endpoint refused, credentials
+    wrong, bucket missing. One or two requests with a short retry budget; local URIs pass unchecked.
+
+    Raises:
+        StorageError: naming the URI, the bucket and the variables to check.
+    """
+    if not is_remote(uri):
+        return
+    fs, path = resolve(uri)
+    fast = _s3_filesystem(_s3_cache_key(), 2)
+    bucket = _bucket(uri)
+    try:
+        info = fast.get_file_info(bucket)  # HeadBucket
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(describe_error(uri, OSError(f"NoSuchBucket: bucket {bucket!r} does not exist")))
+    except StorageError:
+        raise
+    except OSError as exc:
+        if "access_denied" not in str(exc).lower():
+            raise StorageError(describe_error(uri, exc)) from None
+        # HeadBucket needs s3:ListBucket on the whole bucket; a user allowed only a prefix may still list that.
+        try:
+            fast.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        except OSError as list_exc:
+            raise StorageError(describe_error(uri, list_exc)) from None
 
 
 def exists(uri: str) -> bool:

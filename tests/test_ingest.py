@@ -1,5 +1,5 @@
 """Ingest: real class folders (scikit-learn digits, Fashion-MNIST, Pillow's hostile test images) to Parquet shards on
-local disk and on the moto S3 server, read back through pyarrow."""
+local disk and on the real S3 server (SeaweedFS), read back through pyarrow."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -339,36 +338,10 @@ def test_s3_missing_bucket(small_digits, s3_server):
         ingest(str(small_digits), "s3://no-such-bucket-cls-ray/ds", _cfg(), summary=False)
 
 
-@pytest.fixture(scope="module")
-def authenticating_s3():
-    """A moto server in its own process that checks credentials after its first request (bucket creation)."""
-    port = free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_s3_wrong_credentials(small_digits, authenticating_s3, monkeypatch):
-    import boto3
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", authenticating_s3)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-real-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    boto3.client("s3", endpoint_url=authenticating_s3).create_bucket(Bucket="guarded")
+def test_s3_wrong_credentials(small_digits, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")  # the real server checks every request's SigV4 signature
     with pytest.raises(IngestError, match="check the AWS credentials"):
-        ingest(str(small_digits), "s3://guarded/ds", _cfg(), summary=False)
+        ingest(str(small_digits), f"{s3_bucket}/ds", _cfg(), summary=False)
 
 
 def test_manifest_errors(tmp_path):

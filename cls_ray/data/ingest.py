@@ -60,6 +60,15 @@ class _Spool:
         self._file.close()
 
 
+def _check_stores(src: str, dest: str) -> None:
+    """An S3 endpoint that refuses, wrong credentials or a missing bucket fail here, before any work."""
+    for what, uri in (("cannot read SRC", src), ("DEST is not writable", dest)):
+        try:
+            storage.check_bucket(uri)
+        except storage.StorageError as exc:
+            raise IngestError(f"{what}: {exc}") from None
+
+
 def _existing_dataset(src: str, dest: str, cfg: IngestConfig) -> dict[str, Any] | None:
     """The manifest of a complete dataset at DEST (then ingest is a no-op), or None when it must be written."""
     try:
@@ -247,6 +256,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         from cls_ray.data.ffcv_format import require_ffcv
 
         require_ffcv("ingest.ffcv")
+    _check_stores(src, dest)
     existing = _existing_dataset(src, dest, cfg)
     if existing is not None:
         if summary:

@@ -146,6 +146,7 @@ def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
         ManifestError: no manifest at ``data_uri``, an unknown manifest version, or an empty train/val split.
         ConfigError: unknown model, unknown metric, missing weights file, a worker group the cluster cannot place.
     """
+    storage.check_bucket(data_uri)  # endpoint, credentials, bucket: before any work
     manifest = manifest_lib.read_manifest(data_uri)
     _check_splits(data_uri, manifest)
     train_beton = None
@@ -175,6 +176,7 @@ def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: st
     along); evaluation epochs carry a checkpoint, kept best-``train.keep_checkpoints`` by ``train.metric``.
     ``shared`` holds splits read once for several runs (a search's trials; :class:`SharedSplit`).
     """
+    storage.check_bucket(storage_path)
     manifest, spec = validate_run(data_uri, cfg)
     spec.run_uri = storage.join(storage_path, run_name)
     filesystem, path = storage.resolve(storage_path)
@@ -263,6 +265,7 @@ def train(data_uri: str, cfg: Config) -> TrainResult:
     """Train (or resume) the run ``{train.storage_path}/{train.run_name}`` and package its best checkpoint."""
     data_uri, cfg = storage.absolute(data_uri), with_absolute_paths(cfg)  # the workers' directory is not ours
     run_uri = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    storage.check_bucket(cfg.train.storage_path)  # endpoint, credentials, bucket: before any work
     _check_resume_compatible(run_uri, cfg)
     trainer = build_trainer(data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name)
     write_resolved(cfg, run_uri)
