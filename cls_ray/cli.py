@@ -55,6 +55,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cls_ray.export import export_package, print_exports
+
+    cfg = load_config(args.config, args.overrides)
+    records = export_package(args.model, args.format, int8=args.int8, output_uri=args.output,
+                             calibration_data=args.calibration_data, cfg=cfg.export)
+    print_exports(records, args.output or args.model)
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from cls_ray.tune.tuner import tune
 
@@ -132,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("export", help="export a model package to ONNX (optionally int8) or TorchScript, "
+                                      "parity-checked against the package before it is recorded")
+    p.add_argument("model", help="model package URI")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--int8", action="store_true",
+                   help="also a static int8 ONNX export (ONNX Runtime, QDQ), calibrated on the check's images")
+    p.add_argument("--output", default=None, metavar="URI",
+                   help="write into a copy of the package at URI instead of into the package")
+    p.add_argument("--calibration-data", default=None, metavar="DIR",
+                   help="images to check (and calibrate) on instead of the package dataset's validation split; "
+                        "class folders named like the package's classes also give accuracies")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("tune", help="architecture + hyperparameter search (Ray Tune, Optuna, ASHA)")
     p.add_argument("--data", required=True, help="dataset URI")
     p.add_argument("--space", default=None, help="search space YAML (default: tune.space)")
@@ -159,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cls_ray.storage import s3_compat_env
+
+    s3_compat_env()  # before any S3 client or Ray process starts, so every one of them inherits the choice
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -432,6 +432,11 @@ class ServeConfig:
     """Autoscaling: how long load must stay below target before a replica is removed."""
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     """Autocast dtype of GPU replicas (CPU replicas always run float32)."""
+    backend: Literal["torch", "onnx"] = "torch"
+    """Model runtime of the replicas: the PyTorch package, or its recorded ONNX export (``cls-ray export``) on ONNX
+    Runtime (CPU execution provider; CUDA provider on GPU replicas where onnxruntime-gpu is installed)."""
+    onnx_precision: Literal["fp32", "int8"] = "fp32"
+    """Which recorded ONNX export the onnx backend runs: fp32, or int8 (``cls-ray export --int8``)."""
     ingress_min_replicas: int = 1
     ingress_max_replicas: int = 2
     """The HTTP ingress (parsing, decoding, resizing on CPU) autoscales apart from the model replicas."""

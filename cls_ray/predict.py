@@ -53,37 +53,111 @@ def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> list[list[dict[s
             for row, idx in zip(probs, order, strict=True)]
 
 
+class OnnxRuntimeModel:
+    """An ONNX export (``cls-ray export``) on ONNX Runtime: normalised float32 NCHW in, logits out, as a torch model.
+
+    Runs on the CUDA execution provider for a CUDA ``device`` where this onnxruntime build has it (the
+    ``onnxruntime-gpu`` wheel), else on the CPU provider with as many threads as torch uses (Ray sets both from the
+    replica's CPUs), so a replica's two backends compete for the same cores.
+
+    Args:
+        model: the bytes of an ``.onnx`` file with one input and the logits as its first output.
+        device: the device asked for; see above.
+    """
+
+    def __init__(self, model: bytes, device: torch.device):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:
+                logger.warning("this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu): "
+                               "the ONNX backend runs on the CPU")
+        self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (logits, *_) = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})
+        return torch.from_numpy(logits)
+
+
 class Predictor:
     """A loaded model package ready for inference: uint8 CHW images in, class probabilities out.
 
-    Device, autocast and memory format are decided once here (channels-last and bf16/fp16 autocast on CUDA,
-    float32 on CPU), so :meth:`predict_batch` does not branch on them.
+    Backend, device, autocast and memory format are decided once here (for the torch backend: channels-last and
+    bf16/fp16 autocast on CUDA, float32 on CPU), so :meth:`predict_batch` only calls the chosen forward. The onnx
+    backend runs an ONNX export of the same package (:class:`OnnxRuntimeModel`) after the same preprocessing and
+    normalisation, on the CPU (its inputs are handed to ONNX Runtime as host arrays).
 
     Args:
-        package: a loaded model package (its model is moved to ``device``).
+        package: a loaded model package (for the torch backend its model is moved to ``device``).
         device: ``"cpu"``, ``"cuda"`` or a torch device.
-        amp: autocast dtype on CUDA: ``"bf16"``, ``"fp16"`` or ``"none"``.
+        amp: autocast dtype of the torch backend on CUDA: ``"bf16"``, ``"fp16"`` or ``"none"``.
+        backend: ``"torch"`` (the package's weights) or ``"onnx"`` (``onnx_model`` on ONNX Runtime).
+        onnx_model: the ONNX file's bytes, for the onnx backend (:meth:`from_uri` reads the package's recorded one).
     """
 
-    def __init__(self, package: ModelPackage, device: str | torch.device = "cpu", amp: str = "bf16"):
+    def __init__(self, package: ModelPackage, device: str | torch.device = "cpu", amp: str = "bf16",
+                 backend: str = "torch", onnx_model: bytes | None = None):
         self.package = package
-        self.device = torch.device(device)
+        self.backend = backend
         self.classes = list(package.classes)
         self.mean = list(package.data_config["mean"])
         self.std = list(package.data_config["std"])
         self.transform = create_image_transform(package.data_config)
-        on_cuda = self.device.type == "cuda"
-        self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-        self.model = package.model.to(self.device, memory_format=self.memory_format).eval()
-        if on_cuda and amp in AMP_DTYPES:
-            self._autocast = functools.partial(torch.autocast, "cuda", dtype=AMP_DTYPES[amp])
+        if backend == "torch":
+            self._init_torch(torch.device(device), amp)
+        elif backend == "onnx":
+            if onnx_model is None:
+                raise ValueError("Predictor(backend='onnx') needs onnx_model, the bytes of the package's ONNX export "
+                                 "(Predictor.from_uri reads it from the package)")
+            self.device, self.memory_format = torch.device("cpu"), torch.contiguous_format
+            self.model = OnnxRuntimeModel(onnx_model, torch.device(device))
+            self._forward = self.model
         else:
-            self._autocast = contextlib.nullcontext
+            raise ValueError(f"unknown inference backend {backend!r}: use 'torch' or 'onnx'")
+
+    def _init_torch(self, device: torch.device, amp: str) -> None:
+        self.device = device
+        on_cuda = device.type == "cuda"
+        self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+        self.model = self.package.model.to(device, memory_format=self.memory_format).eval()
+        autocast = (functools.partial(torch.autocast, "cuda", dtype=AMP_DTYPES[amp])
+                    if on_cuda and amp in AMP_DTYPES else contextlib.nullcontext)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return self.model(x)
+
+        self._forward = forward
 
     @classmethod
-    def from_uri(cls, model_uri: str, device: str | torch.device = "cpu", amp: str = "bf16") -> Predictor:
-        """Load the package at ``model_uri`` (local path or s3://) onto ``device``."""
-        return cls(load_model_package(model_uri, device="cpu"), device=device, amp=amp)
+    def from_uri(cls, model_uri: str, device: str | torch.device = "cpu", amp: str = "bf16", backend: str = "torch",
+                 precision: str = "fp32") -> Predictor:
+        """Load the package at ``model_uri`` (local path or s3://) onto ``device``.
+
+        For the onnx backend, the package's recorded ONNX export of ``precision`` (``"fp32"``, or ``"int8"`` from
+        ``cls-ray export --int8``) is read and checked against the SHA-256 its ``model.json`` records.
+
+        Raises:
+            PackageError: no package there, or no such export recorded, or an export file that is not the recorded one.
+        """
+        package = load_model_package(model_uri, device="cpu")
+        if backend != "onnx":
+            if precision != "fp32":
+                raise ValueError(f"precision {precision!r} is for the onnx backend; the torch backend runs the "
+                                 f"package's weights (use amp for reduced precision on GPU)")
+            return cls(package, device=device, amp=amp, backend=backend)
+        from cls_ray.export import read_recorded_export
+
+        onnx_model = read_recorded_export(model_uri, package.meta, "onnx", precision)
+        return cls(package, device=device, amp=amp, backend="onnx", onnx_model=onnx_model)
 
     def preprocess(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Image bytes -> uint8 CHW array, as the serving ingress does it."""
@@ -94,8 +168,7 @@ class Predictor:
         """Class probabilities (N, C) float32 of preprocessed uint8 CHW images."""
         batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
         x = normalize(batch, self.mean, self.std).contiguous(memory_format=self.memory_format)
-        with self._autocast():
-            logits = self.model(x)
+        logits = self._forward(x)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def predict_bytes(self, images: Sequence[bytes], batch_size: int = 64,

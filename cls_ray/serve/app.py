@@ -68,7 +68,7 @@ def ingress_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 def build_application(model_uri: str, cfg: ServeConfig) -> Application:
     """The Serve application (ingress over model deployment) of a model package; nothing is loaded yet."""
     model = ClassifierModel.options(**model_deployment_options(cfg)).bind(
-        model_uri, use_gpu=cfg.num_gpus > 0, amp=cfg.amp)
+        model_uri, use_gpu=cfg.num_gpus > 0, amp=cfg.amp, backend=cfg.backend, precision=cfg.onnx_precision)
     return ClassifierIngress.options(**ingress_deployment_options(cfg)).bind(
         model, model_uri, dataclasses.asdict(cfg))
 

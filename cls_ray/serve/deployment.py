@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from cls_ray.config import ConfigError, ServeConfig
 from cls_ray.data.images import ImageDecodeError
 from cls_ray.data.transforms import create_image_transform
-from cls_ray.package import load_model_package, read_package_meta
+from cls_ray.package import read_package_meta
 from cls_ray.predict import Predictor, preprocess_image
 from cls_ray.serve.api import create_api
 from cls_ray.serve.inputs import RequestError
@@ -44,17 +44,20 @@ class ClassifierModel:
         model_uri: model package, local path or s3:// URI.
         use_gpu: run on CUDA (channels-last, autocast with ``amp``).
         amp: ``bf16``, ``fp16`` or ``none``; ignored on CPU.
+        backend: ``torch`` or ``onnx`` (the package's recorded ONNX export of ``precision`` on ONNX Runtime).
+        precision: ``fp32`` or ``int8``, for the onnx backend.
     """
 
-    def __init__(self, model_uri: str, use_gpu: bool = False, amp: str = "bf16"):
+    def __init__(self, model_uri: str, use_gpu: bool = False, amp: str = "bf16", backend: str = "torch",
+                 precision: str = "fp32"):
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("serve.num_gpus > 0 but this replica sees no CUDA device")
         device = "cuda" if use_gpu else "cpu"
-        self.predictor = Predictor(load_model_package(model_uri, device="cpu"), device=device, amp=amp)
+        self.predictor = Predictor.from_uri(model_uri, device=device, amp=amp, backend=backend, precision=precision)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
         self.replica = serve.get_replica_context().replica_id.unique_id
-        logger.info("model replica %s serving %s on %s", self.replica, model_uri, device)
+        logger.info("model replica %s serving %s on %s (%s backend)", self.replica, model_uri, device, backend)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve ``user_config``: batching parameters change in place, without restarting the replica."""
