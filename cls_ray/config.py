@@ -550,7 +550,7 @@ class ExportConfig:
         _check(self.max_pixels > 0, "export.max_pixels", "must be positive")
 
 
-PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "serve")
+PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "export", "predict", "serve")
 
 
 @dataclass
@@ -564,11 +564,17 @@ class PipelineConfig:
     """Search on at most this many training images per class (a quick proxy task); None searches on everything."""
     serve_samples: int = 8
     """Test images sent over HTTP to the served model at the end of the pipeline."""
+    export_format: Literal["onnx", "torchscript"] = "onnx"
+    """The export stage's format (parity-checked on the validation split, recorded in the package)."""
+    predict_source: str | None = None
+    """The predict stage's input: a folder or s3:// prefix of images (results in WORKDIR/predictions/)."""
 
     def __post_init__(self) -> None:
         for stage in self.stages:
             _check(stage in PIPELINE_STAGES, "pipeline.stages", f"unknown stage {stage!r}; choose from "
                    f"{', '.join(PIPELINE_STAGES)}")
+        _check("predict" not in self.stages or bool(self.predict_source), "pipeline.predict_source",
+               "the predict stage needs the images to score (a folder or s3:// prefix)")
         _check(self.tune_subset_per_class is None or self.tune_subset_per_class >= 3,
                "pipeline.tune_subset_per_class", "must be at least 3 (one image per split) or null")
 
@@ -741,12 +747,14 @@ def write_resolved(cfg: Any, dir_uri: str, name: str = "config.yaml") -> str:
 
 def with_absolute_paths(cfg: Config) -> Config:
     """A copy of ``cfg`` whose local paths are absolute (see :func:`cls_ray.storage.absolute`): ``source``,
-    ``workdir``, the train and tune storage paths, the search space, and ``model.pretrained`` when it names an
+    ``workdir``, ``pipeline.predict_source``, the train and tune storage paths, the search space, and ``model.pretrained`` when it names an
     existing local file (otherwise it is a hub name or a remote URI)."""
     cfg = copy.deepcopy(cfg)
     if cfg.source:
         cfg.source = storage.absolute(cfg.source)
     cfg.workdir = storage.absolute(cfg.workdir)
+    if cfg.pipeline.predict_source:
+        cfg.pipeline.predict_source = storage.absolute(cfg.pipeline.predict_source)
     cfg.train.storage_path = storage.absolute(cfg.train.storage_path)
     cfg.tune.storage_path = storage.absolute(cfg.tune.storage_path)
     if os.path.exists(cfg.tune.space):

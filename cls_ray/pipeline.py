@@ -1,4 +1,5 @@
-"""The whole chain from one config: ingest -> tune -> train -> evaluate -> serve, and the Fashion-MNIST demo.
+"""The whole chain from one config: ingest -> tune -> train -> evaluate -> export -> predict -> serve, and the
+Fashion-MNIST demo.
 
 Every stage writes under ``cfg.workdir``::
 
@@ -8,6 +9,9 @@ Every stage writes under ``cfg.workdir``::
     WORKDIR/search/            the Tune experiment; its winner in search/best/
     WORKDIR/runs/final/        the final training run; its model package in runs/final/package/
     WORKDIR/evaluation/        test-split metrics, confusion matrix, per-class table
+    WORKDIR/predictions/       cls-ray predict of pipeline.predict_source (Parquet, one row per file)
+
+The export stage writes its file (model.onnx or model.ts) into the final model package and records it there.
 
 Re-running the same pipeline resumes: a complete dataset is kept, a finished search is restored, a finished
 training run is resumed from its last checkpoint (and ends at once).
@@ -42,6 +46,8 @@ class PipelineResult:
     package_uri: str | None = None
     search: Any = None
     test_metrics: dict[str, Any] | None = None
+    exports: list[dict[str, Any]] | None = None
+    predictions: dict[str, Any] | None = None
     url: str | None = None
 
 
@@ -77,8 +83,8 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     stages = cfg.pipeline.stages
     if "ingest" in stages and not cfg.source:
         raise ConfigError("source: the pipeline's ingest stage needs `source` (class folders, local or s3://)")
-    if ("evaluate" in stages or "serve" in stages) and not ("tune" in stages or "train" in stages):
-        raise ConfigError("pipeline.stages: evaluate and serve need a model: include tune or train")
+    if set(stages) & {"evaluate", "export", "predict", "serve"} and not ("tune" in stages or "train" in stages):
+        raise ConfigError("pipeline.stages: evaluate, export, predict and serve need a model: include tune or train")
     write_resolved(cfg, cfg.workdir)
     result = PipelineResult(dataset_uri=storage.join(cfg.workdir, "dataset"))
     if "ingest" in stages:
@@ -99,6 +105,17 @@ def run_pipeline(cfg: Config) -> PipelineResult:
 
         result.test_metrics = evaluate(result.package_uri, result.dataset_uri, split="test",
                                        output_dir=storage.join(cfg.workdir, "evaluation"))
+    if "export" in stages:
+        from cls_ray.export import export_package, print_exports
+
+        result.exports = export_package(result.package_uri, cfg.pipeline.export_format, cfg=cfg.export)
+        print_exports(result.exports, result.package_uri)
+    if "predict" in stages:
+        from cls_ray.predict import predict, print_prediction_summary
+
+        result.predictions = predict(result.package_uri, cfg.pipeline.predict_source,
+                                     storage.join(cfg.workdir, "predictions"), cfg.predict)
+        print_prediction_summary(result.predictions)
     if "serve" in stages:
         result.url = serve_and_check(result.package_uri, result.dataset_uri, cfg)
     return result
@@ -159,7 +176,7 @@ def run_demo(workdir: str = "demo_output", overrides: list[str] | None = None, k
     folders = storage.join(workdir, "fashion-mnist")
     write_fashion_mnist(folders)
     # tune.space `quick` names the shipped search_spaces/quick.yaml from any working directory.
-    base = [f"source={folders}", f"workdir={workdir}"]
+    base = [f"source={folders}", f"workdir={workdir}", f"pipeline.predict_source={storage.join(folders, 'test')}"]
     cfg = load_config(str(DEMO_CONFIG), base + list(overrides or []))
     if "serve" not in cfg.pipeline.stages:
         cfg.pipeline.stages.append("serve")

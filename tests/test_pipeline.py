@@ -21,8 +21,8 @@ from cls_ray.package import read_package_meta
 REPO = Path(__file__).resolve().parents[1]
 
 PIPELINE = {
-    "pipeline": {"stages": ["ingest", "tune", "train", "evaluate", "serve"], "tune_subset_per_class": 12,
-                 "serve_samples": 4},
+    "pipeline": {"stages": ["ingest", "tune", "train", "evaluate", "export", "predict", "serve"],
+                 "tune_subset_per_class": 12, "serve_samples": 4},
     "model": {"name": "resnet10t", "image_size": 32, "crop_pct": 1.0},
     "data": {"batch_size": 32, "eval_batch_size": 128, "auto_augment": None, "re_prob": 0.0, "hflip": 0.0,
              "scale": [0.6, 1.0], "label_smoothing": 0.0},
@@ -51,6 +51,7 @@ def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
     port = free_port()
     # Relative paths, as a user types them: trials and replicas run in other directories than the command.
     config = {**PIPELINE, "source": str(source.relative_to(tmp_path)), "workdir": "work",
+              "pipeline": {**PIPELINE["pipeline"], "predict_source": str((source / "digit_3").relative_to(tmp_path))},
               "tune": {**PIPELINE["tune"], "space": space.name}, "serve": {"port": port, "max_replicas": 1}}
     config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -77,6 +78,15 @@ def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
     metrics = json.loads((workdir / "evaluation" / "metrics.json").read_text())["metrics"]
     assert metrics["num_samples"] == sum(manifest["splits"]["test"]["class_counts"])
     assert metrics["top1"] > 0.5, metrics  # ten classes: chance is 0.1
+
+    # The export stage recorded a parity-checked ONNX file in the final package.
+    (onnx,) = [e for e in meta["exports"] if e["format"] == "onnx"]
+    assert (workdir / "runs" / "final" / "package" / onnx["file"]).exists()
+    assert onnx["parity"]["max_abs_diff"] <= 1e-4
+
+    # The predict stage scored every file of pipeline.predict_source.
+    predicted = json.loads((workdir / "predictions" / "_summary.json").read_text())
+    assert predicted["files"] == predicted["scored"] == len(list((source / "digit_3").glob("*.png")))
 
     # The serving check printed predictions for real test images received over HTTP.
     assert f"127.0.0.1:{port}/v1/predict" in proc.stdout
