@@ -57,15 +57,17 @@ def _colour_image(gray: np.ndarray, side: int, rng: np.random.Generator) -> Imag
     return Image.fromarray(rgb, "RGB")
 
 
-def _write_chunk(root: Path, images: np.ndarray, labels: np.ndarray, start: int, side: int, quality: int,
-                 seed: int) -> None:
+def _write_chunk(
+    root: Path, images: np.ndarray, labels: np.ndarray, start: int, side: int, quality: int, seed: int
+) -> None:
     rng = np.random.default_rng([seed, start])
     for i, (gray, label) in enumerate(zip(images, labels, strict=True)):
         _colour_image(gray, side, rng).save(root / CLASSES[label] / f"{start + i:06d}.jpg", quality=quality)
 
 
-def write_jpeg_folders(root: Path, num_images: int, side: int = 224, quality: int = 90, seed: int = 0,
-                       workers: int | None = None) -> Path:
+def write_jpeg_folders(
+    root: Path, num_images: int, side: int = 224, quality: int = 90, seed: int = 0, workers: int | None = None
+) -> Path:
     """Write ``num_images`` Fashion-MNIST images as ``side``x``side`` colour JPEGs in one folder per class,
     using ``workers`` processes (default: one per core)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -75,15 +77,22 @@ def write_jpeg_folders(root: Path, num_images: int, side: int = 224, quality: in
         (root / name).mkdir(parents=True, exist_ok=True)
     chunk = 500
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        futures = [pool.submit(_write_chunk, root, images[i : i + chunk], labels[i : i + chunk], i, side, quality,
-                               seed) for i in range(0, len(images), chunk)]
+        futures = [
+            pool.submit(_write_chunk, root, images[i : i + chunk], labels[i : i + chunk], i, side, quality, seed)
+            for i in range(0, len(images), chunk)
+        ]
         for future in futures:
             future.result()
     return root
 
 
-def prepare_dataset(num_images: int, side: int = 224, workdir: Path = DEFAULT_WORKDIR,
-                    val_fraction: float = 0.0, ffcv: str | None = None) -> tuple[Path, str]:
+def prepare_dataset(
+    num_images: int,
+    side: int = 224,
+    workdir: Path = DEFAULT_WORKDIR,
+    val_fraction: float = 0.0,
+    ffcv: str | None = None,
+) -> tuple[Path, str]:
     """Class folders of JPEGs and the cls-ray dataset ingested from them with the default ingest settings (so
     sources larger than ``ingest.max_side`` are stored downscaled), ``val_fraction`` of each class in ``val``
     and the rest in ``train``; with ``ffcv`` (an ``ingest.ffcv_write_mode``: raw, jpg or smart), FFCV .beton files
@@ -108,8 +117,13 @@ def prepare_dataset(num_images: int, side: int = 224, workdir: Path = DEFAULT_WO
             return folders, str(dataset)
     logger.info("writing %d %dpx JPEGs under %s and ingesting them", num_images, side, base)
     write_jpeg_folders(folders, num_images, side)
-    cfg = IngestConfig(val_fraction=val_fraction, test_fraction=0.0, overwrite=True, ffcv=ffcv is not None,
-                       ffcv_write_mode=ffcv or "smart")
+    cfg = IngestConfig(
+        val_fraction=val_fraction,
+        test_fraction=0.0,
+        overwrite=True,
+        ffcv=ffcv is not None,
+        ffcv_write_mode=ffcv or "smart",
+    )
     ingest(str(folders), str(dataset), cfg, summary=False)
     stamp.write_text(json.dumps({**key, "ffcv": ffcv}))
     return folders, str(dataset)
@@ -145,8 +159,12 @@ def machine_description() -> dict[str, object]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info: dict[str, object] = {"cpus": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__,
-                               "ray": ray.__version__}
+    info: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -45,8 +45,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     g = torch.Generator().manual_seed(0)
     shape = (args.batch_size, 3, args.size, args.size)
-    batches = [(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
-                torch.randint(0, 10, (args.batch_size,), generator=g)) for _ in range(4)]
+    batches = [
+        (
+            torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (args.batch_size,), generator=g),
+        )
+        for _ in range(4)
+    ]
     mean = torch.tensor([0.485 * 255, 0.456 * 255, 0.406 * 255]).view(1, -1, 1, 1)
     std = torch.tensor([0.229 * 255, 0.224 * 255, 0.225 * 255]).view(1, -1, 1, 1)
 
@@ -69,17 +74,32 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         step(steps)
         steps += 1
     elapsed, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    return {"steps_per_s": steps / elapsed, "steps": steps,
-            "faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
-            "kernel_s_per_step": (after.ru_stime - before.ru_stime) / steps,
-            "jemalloc": "libjemalloc" in open("/proc/self/maps").read()}
+    return {
+        "steps_per_s": steps / elapsed,
+        "steps": steps,
+        "faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+        "kernel_s_per_step": (after.ru_stime - before.ru_stime) / steps,
+        "jemalloc": "libjemalloc" in open("/proc/self/maps").read(),
+    }
 
 
 def run(args: argparse.Namespace, size: int, env: dict[str, str]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", "--size", str(size), "--model", args.model,
-           "--batch-size", str(args.batch_size), "--seconds", str(args.seconds)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--size",
+        str(size),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--seconds",
+        str(args.seconds),
+    ]
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,9 +125,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mean = {k: sum(r["steps_per_s"] for r in v) / len(v) for k, v in runs.items()}
         record["sizes"][size] = {**runs, "ratio_steps_per_s": mean["jemalloc"] / mean["system"]}
         for name, rs in runs.items():
-            print(f"{args.model} {size} px, {name:8s}: " + ", ".join(
-                f"{r['steps_per_s']:.3f} steps/s ({r['faults_per_step']:.0f} faults, "
-                f"{r['kernel_s_per_step'] * 1e3:.1f} ms kernel per step)" for r in rs))
+            print(
+                f"{args.model} {size} px, {name:8s}: "
+                + ", ".join(
+                    f"{r['steps_per_s']:.3f} steps/s ({r['faults_per_step']:.0f} faults, "
+                    f"{r['kernel_s_per_step'] * 1e3:.1f} ms kernel per step)"
+                    for r in rs
+                )
+            )
         print(f"{args.model} {size} px: jemalloc / system steps/s = {record['sizes'][size]['ratio_steps_per_s']:.3f}")
     print(json.dumps(record), flush=True)
     return record

@@ -42,8 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--data-on-device", action="store_true",
-                   help="keep the batches on the device (no host-to-device copy per step): a pure compute bound")
+    p.add_argument(
+        "--data-on-device",
+        action="store_true",
+        help="keep the batches on the device (no host-to-device copy per step): a pure compute bound",
+    )
     return p.parse_args(argv)
 
 
@@ -64,8 +67,13 @@ def make_batches(args: argparse.Namespace, rank: int, n: int = 4) -> list[tuple[
     """A few uint8 NCHW batches and labels held in host memory (what a preloaded loader would hand over)."""
     g = torch.Generator().manual_seed(rank)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
-    return [(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
-             torch.randint(0, args.num_classes, (args.batch_size,), generator=g)) for _ in range(n)]
+    return [
+        (
+            torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
+            torch.randint(0, args.num_classes, (args.batch_size,), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def build(args: argparse.Namespace, dev: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -89,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     mean = torch.tensor([m * 255 for m in IMAGENET_MEAN], device=dev).view(1, -1, 1, 1)
     std = torch.tensor([s * 255 for s in IMAGENET_STD], device=dev).view(1, -1, 1, 1)
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.amp == "bf16"
-                else contextlib.nullcontext())
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     batches = make_batches(args, rank)
     if args.data_on_device:
@@ -123,10 +130,20 @@ def main(argv: list[str] | None = None) -> None:
     cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64, device=dev)  # NCCL: on the GPU
     dist.all_reduce(cpu)
     if rank == 0:
-        print(json.dumps({"baseline": "torchrun-ddp", "steps_per_s": args.steps / elapsed,
-                          "cpu_s_per_step": cpu.item() / args.steps,
-                          "images_per_s": args.steps * args.batch_size * world / elapsed, "world_size": world,
-                          "threads_per_rank": torch.get_num_threads(), "steps": args.steps}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "baseline": "torchrun-ddp",
+                    "steps_per_s": args.steps / elapsed,
+                    "cpu_s_per_step": cpu.item() / args.steps,
+                    "images_per_s": args.steps * args.batch_size * world / elapsed,
+                    "world_size": world,
+                    "threads_per_rank": torch.get_num_threads(),
+                    "steps": args.steps,
+                }
+            ),
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

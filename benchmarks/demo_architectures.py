@@ -67,8 +67,11 @@ def run(name: str, size: int, lr: float, epochs: int, threads: int, seed: int) -
                 for i in range(0, len(xte), 1000)
             )
         accs.append(correct / len(xte))
-        print(f"{name} {size} px lr {lr:g}: epoch {epoch + 1} test top-1 {accs[-1]:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"{name} {size} px lr {lr:g}: epoch {epoch + 1} test top-1 {accs[-1]:.4f} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     return accs
 
 

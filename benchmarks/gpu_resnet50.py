@@ -46,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=20000)
     p.add_argument("--side", type=int, default=256, help="side of the generated source JPEGs")
     p.add_argument("--val-fraction", type=float, default=0.02, help="validated once, in the final epoch")
-    p.add_argument("--augment", default="basic", choices=["basic", "randaugment"],
-                   help="basic: RandomResizedCrop + flip; randaugment: cls-ray's default train augmentation")
+    p.add_argument(
+        "--augment",
+        default="basic",
+        choices=["basic", "randaugment"],
+        help="basic: RandomResizedCrop + flip; randaugment: cls-ray's default train augmentation",
+    )
     p.add_argument("--shuffle", default="global,local", help="cls-ray data.shuffle modes to run, comma-separated")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs, after one warm-up epoch")
     p.add_argument("--synthetic-steps", type=int, default=60)
@@ -64,10 +68,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     """The same train step on batches already on the device, one process: the compute upper bound."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(HERE / "ddp_baseline.py"), "--model", args.model, "--image-size", str(args.image_size),
-           "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp, "--data-on-device",
-           "--warmup-steps", str(max(5, args.synthetic_steps // 4)), "--steps", str(args.synthetic_steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(HERE / "ddp_baseline.py"),
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+        "--data-on-device",
+        "--warmup-steps",
+        str(max(5, args.synthetic_steps // 4)),
+        "--steps",
+        str(args.synthetic_steps),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -85,9 +108,17 @@ def make_config(args: argparse.Namespace, shuffle: str, storage_path: str):
         model=ModelConfig(name=args.model, image_size=args.image_size, channels_last=True),
         data=DataConfig(batch_size=args.batch_size, eval_batch_size=args.batch_size, shuffle=shuffle, **augment),
         optim=OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, sched="none"),
-        train=TrainConfig(epochs=total_epochs, num_workers=1, use_gpu=args.device == "cuda",
-                          cpus_per_worker=1.0, amp=args.amp, eval_every=total_epochs, storage_path=storage_path,
-                          run_name=f"resnet50-{shuffle}", max_failures=0),
+        train=TrainConfig(
+            epochs=total_epochs,
+            num_workers=1,
+            use_gpu=args.device == "cuda",
+            cpus_per_worker=1.0,
+            amp=args.amp,
+            eval_every=total_epochs,
+            storage_path=storage_path,
+            run_name=f"resnet50-{shuffle}",
+            max_failures=0,
+        ),
     )
 
 
@@ -100,14 +131,24 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str, shuffle: str) -> dict[s
     from cls_ray.train.trainer import build_trainer
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # report timestamps to within 0.5 s
-    ray.init(address="local", num_cpus=args.cores, num_gpus=1 if args.device == "cuda" else 0,
-             include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=args.cores,
+        num_gpus=1 if args.device == "cuda" else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="cls-ray-resnet50-") as tmp:
             cfg = make_config(args, shuffle, tmp)
             clock_path = os.path.join(tmp, "clock.jsonl")
-            trainer = build_trainer(data_uri, cfg, storage_path=tmp, run_name=cfg.train.run_name,
-                                    callbacks=[train_overhead._user_callback(clock_path)])
+            trainer = build_trainer(
+                data_uri,
+                cfg,
+                storage_path=tmp,
+                run_name=cfg.train.run_name,
+                callbacks=[train_overhead._user_callback(clock_path)],
+            )
             trainer.fit()
             history = read_history(storage.join(tmp, cfg.train.run_name))
             clock = [json.loads(line) for line in Path(clock_path).read_text().splitlines()]
@@ -117,16 +158,19 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str, shuffle: str) -> dict[s
     images = sum(h["img_per_s"] * h["epoch_time_s"] for h in timed)
     loop_seconds = sum(h["epoch_time_s"] for h in timed)
     wall = clock[args.epochs]["t"] - clock[0]["t"]
-    return {"images_per_s": images / loop_seconds, "between_reports_images_per_s": images / wall,
-            "data_wait_frac": sum(h["data_wait_frac"] * h["epoch_time_s"] for h in timed) / loop_seconds,
-            "timed_images": round(images), "epoch_time_s": [round(h["epoch_time_s"], 2) for h in history]}
+    return {
+        "images_per_s": images / loop_seconds,
+        "between_reports_images_per_s": images / wall,
+        "data_wait_frac": sum(h["data_wait_frac"] * h["epoch_time_s"] for h in timed) / loop_seconds,
+        "timed_images": round(images),
+        "epoch_time_s": [round(h["epoch_time_s"], 2) for h in history],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    _, data_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir,
-                                        val_fraction=args.val_fraction)
+    _, data_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir, val_fraction=args.val_fraction)
     record: dict[str, Any] = {"benchmark": "gpu_resnet50", "args": {k: str(v) for k, v in vars(args).items()}}
     logger.info("synthetic upper bound")
     record["synthetic"] = run_synthetic(args)
@@ -140,10 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record["machine"] = _data.machine_description()
     print(f"synthetic (data on GPU): {bound:.1f} img/s")
     for shuffle, r in record["cls_ray"].items():
-        print(f"cls-ray from Parquet, shuffle={shuffle}: {r['images_per_s']:.1f} img/s "
-              f"({r['ratio_vs_synthetic']:.3f} of synthetic; between reports "
-              f"{r['between_reports_images_per_s']:.1f} img/s, "
-              f"data wait {r['data_wait_frac']:.1%})")
+        print(
+            f"cls-ray from Parquet, shuffle={shuffle}: {r['images_per_s']:.1f} img/s "
+            f"({r['ratio_vs_synthetic']:.3f} of synthetic; between reports "
+            f"{r['between_reports_images_per_s']:.1f} img/s, "
+            f"data wait {r['data_wait_frac']:.1%})"
+        )
     print(json.dumps(record), flush=True)
     return record
 

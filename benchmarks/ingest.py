@@ -86,8 +86,11 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), 0.1).close()
@@ -95,8 +98,14 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.1)
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_REGION": "us-east-1",
+        }
+    )
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
@@ -129,8 +138,13 @@ def main() -> None:
             rows.append((f"validation stage, Ray Data map ({w} CPUs), job only", job, w))
         rows.append((f"ingest -> local disk ({w} procs)", timed_ingest(str(src), f"{tmp}/ds", cfg), w))
         small = IngestConfig(num_workers=w, max_side=112)
-        rows.append((f"ingest -> local, all resized+re-encoded ({w} procs)",
-                     timed_ingest(str(src), f"{tmp}/ds_small", small), w))
+        rows.append(
+            (
+                f"ingest -> local, all resized+re-encoded ({w} procs)",
+                timed_ingest(str(src), f"{tmp}/ds_small", small),
+                w,
+            )
+        )
         proc, _ = start_moto()
         try:
             rows.append((f"ingest -> S3 (moto, {w} procs)", timed_ingest(str(src), "s3://bench/ds", cfg), w))

@@ -56,25 +56,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="timed epochs")
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the consumer puts each batch (cuda: a host->device copy per batch)")
-    p.add_argument("--runs", default="bare,imagefolder,cls_ray",
-                   help="comma-separated subset of bare, imagefolder, cls_ray, ffcv to run")
-    p.add_argument("--ffcv-write-mode", default="smart", choices=["smart", "jpg", "raw"],
-                   help="the ffcv run's .beton: ingest.ffcv_write_mode (smart: JPEG for images over "
-                   "ingest.ffcv_smart_threshold pixels, raw pixels below; raw: decoded pixels, no decode at load)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the consumer puts each batch (cuda: a host->device copy per batch)",
+    )
+    p.add_argument(
+        "--runs",
+        default="bare,imagefolder,cls_ray",
+        help="comma-separated subset of bare, imagefolder, cls_ray, ffcv to run",
+    )
+    p.add_argument(
+        "--ffcv-write-mode",
+        default="smart",
+        choices=["smart", "jpg", "raw"],
+        help="the ffcv run's .beton: ingest.ffcv_write_mode (smart: JPEG for images over "
+        "ingest.ffcv_smart_threshold pixels, raw pixels below; raw: decoded pixels, no decode at load)",
+    )
     p.add_argument("--shuffle", default="global", choices=["global", "local"], help="cls-ray's data.shuffle")
     p.add_argument("--workdir", type=Path, default=_data.DEFAULT_WORKDIR)
-    p.add_argument("--object-store-mb", type=int, default=None,
-                   help="Ray's object store in MB (default: Ray's own, 30%% of memory, as `cls-ray train` gets); "
-                        "decoded 224 px blocks need room: 1000 MB throttles the decode stage")
+    p.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=None,
+        help="Ray's object store in MB (default: Ray's own, 30%% of memory, as `cls-ray train` gets); "
+        "decoded 224 px blocks need room: 1000 MB throttles the decode stage",
+    )
     return p.parse_args(argv)
 
 
 def data_config(image_size: int) -> dict[str, Any]:
     """A timm data config for ``image_size`` (ImageNet mean/std, bilinear): what the transforms are built from."""
-    return {"input_size": [3, image_size, image_size], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+    return {
+        "input_size": [3, image_size, image_size],
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
 
 
 def augment_config(**overrides: Any) -> DataConfig:
@@ -82,8 +103,9 @@ def augment_config(**overrides: Any) -> DataConfig:
     return DataConfig(auto_augment=None, color_jitter=0.0, re_prob=0.0, **overrides)
 
 
-def measure(epoch_batches: Callable[[int], Iterable[tuple[Any, Any]]], args: argparse.Namespace,
-            cores: int) -> dict[str, float]:
+def measure(
+    epoch_batches: Callable[[int], Iterable[tuple[Any, Any]]], args: argparse.Namespace, cores: int
+) -> dict[str, float]:
     """Run ``args.warmup_epochs`` untimed epochs, then time ``args.epochs`` epochs in wall and CPU seconds.
 
     Warm-up starts worker processes and fills caches for everyone alike. CPU seconds count this process and every
@@ -107,9 +129,15 @@ def measure(epoch_batches: Callable[[int], Iterable[tuple[Any, Any]]], args: arg
     cpu0, t0 = _data.tree_cpu_seconds(), time.perf_counter()
     images = sum(run_epoch(args.warmup_epochs + e) for e in range(args.epochs))
     seconds, cpu = time.perf_counter() - t0, _data.tree_cpu_seconds() - cpu0
-    return {"images_per_s": images / seconds, "images_per_s_per_core": images / seconds / cores, "cores": cores,
-            "images_per_cpu_s": images / cpu if cpu > 0 else float("nan"), "timed_images": images,
-            "timed_s": seconds, "cpu_s": cpu}
+    return {
+        "images_per_s": images / seconds,
+        "images_per_s_per_core": images / seconds / cores,
+        "cores": cores,
+        "images_per_cpu_s": images / cpu if cpu > 0 else float("nan"),
+        "timed_images": images,
+        "timed_s": seconds,
+        "cpu_s": cpu,
+    }
 
 
 def run_bare(encoded: list[bytes], labels: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
@@ -133,9 +161,15 @@ def run_imagefolder(folders: Path, args: argparse.Namespace) -> dict[str, float]
     from torchvision.datasets import ImageFolder
 
     transform = create_train_transform(data_config(args.image_size), augment_config())
-    loader = DataLoader(ImageFolder(str(folders), transform=transform), batch_size=args.batch_size, shuffle=True,
-                        num_workers=args.cores, persistent_workers=True, pin_memory=args.device == "cuda",
-                        prefetch_factor=4)
+    loader = DataLoader(
+        ImageFolder(str(folders), transform=transform),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.cores,
+        persistent_workers=True,
+        pin_memory=args.device == "cuda",
+        prefetch_factor=4,
+    )
     torch.manual_seed(0)
     return measure(lambda epoch: loader, args, cores=args.cores)
 
@@ -154,8 +188,9 @@ def run_cls_ray(dataset_uri: str, args: argparse.Namespace) -> dict[str, float]:
     # anything else run on the machine (no effect on an idle one).
     os.environ.setdefault("RAY_worker_niceness", "0")
     store = args.object_store_mb * 2**20 if args.object_store_mb else None
-    ray.init(address="local", num_cpus=args.cores, object_store_memory=store,
-             include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=args.cores, object_store_memory=store, include_dashboard=False, log_to_driver=False
+    )
     try:
         ds = build_train_dataset(dataset_uri, read_manifest(dataset_uri), data_config(args.image_size), cfg)
         device = torch.device(args.device)
@@ -179,8 +214,17 @@ def run_ffcv(dataset_uri: str, args: argparse.Namespace) -> dict[str, float]:
     from cls_ray.data.ffcv_format import FFCVTrainBatches, beton_uri
     from cls_ray.data.manifest import read_manifest
 
-    cfg = load_config(None, ["data.format=ffcv", "data.auto_augment=null", "data.color_jitter=0", "data.re_prob=0",
-                             f"data.batch_size={args.batch_size}", f"data.ffcv_workers={args.cores}"])
+    cfg = load_config(
+        None,
+        [
+            "data.format=ffcv",
+            "data.auto_augment=null",
+            "data.color_jitter=0",
+            "data.re_prob=0",
+            f"data.batch_size={args.batch_size}",
+            f"data.ffcv_workers={args.cores}",
+        ],
+    )
     path = beton_uri(dataset_uri, read_manifest(dataset_uri), "train")
     batches = FFCVTrainBatches(path, data_config(args.image_size), cfg, world=1, device=torch.device(args.device))
 
@@ -215,8 +259,10 @@ def print_report(results: dict[str, dict[str, float]], ratios: dict[str, Any]) -
     """The human-readable table (this is a benchmark script: printing is its output)."""
     print(f"{'run':<12} {'cores':>5} {'images/s':>10} {'images/s/core':>14} {'images/cpu-s':>13}")
     for name, r in results.items():
-        print(f"{name:<12} {r['cores']:>5} {r['images_per_s']:>10.1f} {r['images_per_s_per_core']:>14.1f} "
-              f"{r['images_per_cpu_s']:>13.1f}")
+        print(
+            f"{name:<12} {r['cores']:>5} {r['images_per_s']:>10.1f} {r['images_per_s_per_core']:>14.1f} "
+            f"{r['images_per_cpu_s']:>13.1f}"
+        )
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
 
@@ -228,8 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(runs) - {"bare", "imagefolder", "cls_ray", "ffcv"})
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from bare, imagefolder, cls_ray, ffcv")
-    folders, dataset_uri = _data.prepare_dataset(args.num_images, args.side, args.workdir,
-                                                 ffcv=args.ffcv_write_mode if "ffcv" in runs else None)
+    folders, dataset_uri = _data.prepare_dataset(
+        args.num_images, args.side, args.workdir, ffcv=args.ffcv_write_mode if "ffcv" in runs else None
+    )
     results: dict[str, dict[str, float]] = {}
     for name in runs:
         logger.info("running %s", name)
@@ -244,8 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name] = run_cls_ray(dataset_uri, args)
     ratios = summarise(results)
     print_report(results, ratios)
-    record = {"benchmark": "input_pipeline", "args": {k: str(v) for k, v in vars(args).items()},
-              "results": results, **ratios, "machine": _data.machine_description()}
+    record = {
+        "benchmark": "input_pipeline",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+        **ratios,
+        "machine": _data.machine_description(),
+    }
     print(json.dumps(record), flush=True)
     return record
 

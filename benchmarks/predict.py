@@ -11,7 +11,8 @@ on them). Measured, side by side in one run:
 
 Reported: images/s of both, the speed-up, and the per-core efficiency (cls-ray's images/s per core over the
 baseline's), end to end and in the steady state (cls-ray's images/s after its first result: the replicas' start,
-~10 s on 2 cores of importing torch and loading the package, excluded). Targets (docs/benchmarks.md): speed-up >= 1.8x on 2 cores, per-core efficiency >= 0.9x.
+~10 s on 2 cores of importing torch and loading the package, excluded). Targets (docs/benchmarks.md): speed-up
+>= 1.8x on 2 cores, per-core efficiency >= 0.9x.
 
 Run: ``.venv/bin/python benchmarks/predict.py [--images 4000] [--cores 2]``.
 """
@@ -38,8 +39,12 @@ def make_package(root: Path, model_name: str, image_size: int) -> str:
     from cls_ray.package import save_model_package
 
     model = timm.create_model(model_name, num_classes=10)
-    meta = {"name": "bench", "architecture": model_name, "classes": [f"class_{i}" for i in range(10)],
-            "data_config": model_data_config(model, image_size)}
+    meta = {
+        "name": "bench",
+        "architecture": model_name,
+        "classes": [f"class_{i}" for i in range(10)],
+        "data_config": model_data_config(model, image_size),
+    }
     return save_model_package(str(root / "package"), model, meta)
 
 
@@ -104,12 +109,21 @@ def main(argv: list[str] | None = None) -> dict:
         base_rate = baseline(package, files, args.batch_size)
     steady = summary["timing"]["steady_images_per_s"]
     record = {
-        "benchmark": "predict", "images": len(files), "side": args.side, "model": args.model,
-        "image_size": args.image_size, "batch_size": args.batch_size, "cores": args.cores,
-        "scored": summary["scored"], "baseline_images_per_s": base_rate, "cls_ray_images_per_s": ray_rate,
-        "speedup": ray_rate / base_rate, "per_core_vs_baseline": ray_rate / args.cores / base_rate,
+        "benchmark": "predict",
+        "images": len(files),
+        "side": args.side,
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "cores": args.cores,
+        "scored": summary["scored"],
+        "baseline_images_per_s": base_rate,
+        "cls_ray_images_per_s": ray_rate,
+        "speedup": ray_rate / base_rate,
+        "per_core_vs_baseline": ray_rate / args.cores / base_rate,
         "cls_ray_first_result_s": summary["timing"]["first_result_s"],
-        "cls_ray_steady_images_per_s": steady, "steady_speedup": steady and steady / base_rate,
+        "cls_ray_steady_images_per_s": steady,
+        "steady_speedup": steady and steady / base_rate,
         "steady_per_core_vs_baseline": steady and steady / args.cores / base_rate,
         "machine": machine_description(),
     }

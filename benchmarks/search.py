@@ -160,19 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=12)
     parser.add_argument("--grace", type=int, default=1)
     parser.add_argument("--rf", type=int, default=4)
-    parser.add_argument("--task", choices=("digits", "fashion-mnist"), default="digits",
-                        help="digits: all 1,797 images (saturates near 99%%); fashion-mnist: --per-class images per "
-                        "class of the real training set at 28 px (harder: configurations separate)")
+    parser.add_argument(
+        "--task",
+        choices=("digits", "fashion-mnist"),
+        default="digits",
+        help="digits: all 1,797 images (saturates near 99%%); fashion-mnist: --per-class images per "
+        "class of the real training set at 28 px (harder: configurations separate)",
+    )
     parser.add_argument("--per-class", type=int, default=300, help="fashion-mnist: images per class")
     parser.add_argument("--image-size", type=int, default=None, help="default: 16 (digits), 28 (fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="trials at a time in both arms (each needs 2 CPUs: a 1-CPU worker + 1 decode CPU)")
-    parser.add_argument("--reuse-completed", action="store_true",
-                        help="exhaustive arm: take the search's own result for configurations ASHA already ran to "
-                        "--max-epochs (same trainable, same seed) instead of training them again; their epochs still "
-                        "count in the exhaustive arm's trial-epochs")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="trials at a time in both arms (each needs 2 CPUs: a 1-CPU worker + 1 decode CPU)",
+    )
+    parser.add_argument(
+        "--reuse-completed",
+        action="store_true",
+        help="exhaustive arm: take the search's own result for configurations ASHA already ran to "
+        "--max-epochs (same trainable, same seed) instead of training them again; their epochs still "
+        "count in the exhaustive arm's trial-epochs",
+    )
     parser.add_argument("--workdir", default=None, help="keep everything here (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -277,7 +288,12 @@ def _read_leaderboard(exp: Path) -> list[dict[str, Any]]:
 
 
 def _report(
-    args: Any, board: list[dict], full: list[dict], search: Any, asha_wall: float, full_wall: float,
+    args: Any,
+    board: list[dict],
+    full: list[dict],
+    search: Any,
+    asha_wall: float,
+    full_wall: float,
     resumed: list[str],
 ) -> dict:
     from rich.console import Console

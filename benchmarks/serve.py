@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import FASHION_MNIST_DIR, read_fashion_mnist  # noqa: E402
 
 from cls_ray.config import ServeConfig  # noqa: E402
-from cls_ray.package import save_model_package  # noqa: E402
 from cls_ray.models import model_data_config  # noqa: E402
+from cls_ray.package import save_model_package  # noqa: E402
 from cls_ray.predict import Predictor  # noqa: E402
 
 
@@ -55,11 +55,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     p.add_argument("--model-cpus", type=int, default=1, help="CPUs (torch threads) of the model replica")
     p.add_argument("--num-images", type=int, default=64, help="distinct images cycled through")
-    p.add_argument("--direct-ingress", action="store_true",
-                   help="Ray Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the ingress "
-                        "replica listens on port 8000 itself, no proxy hop")
-    p.add_argument("--model-only", action="store_true",
-                   help="only the model alone (no Serve, no Ray): batch of 1 vs --max-batch-size, on --device")
+    p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Ray Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the ingress "
+        "replica listens on port 8000 itself, no proxy hop",
+    )
+    p.add_argument(
+        "--model-only",
+        action="store_true",
+        help="only the model alone (no Serve, no Ray): batch of 1 vs --max-batch-size, on --device",
+    )
     p.add_argument("--device", default="cpu", help="device of --model-only (cuda: channels-last + --amp)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
     p.add_argument("--fashion-mnist-dir", type=Path, default=FASHION_MNIST_DIR)
@@ -69,8 +75,12 @@ def parse_args() -> argparse.Namespace:
 
 def make_package(root: Path, model_name: str, image_size: int) -> str:
     model = timm.create_model(model_name, num_classes=10).eval()
-    meta = {"architecture": model_name, "classes": [f"class_{i}" for i in range(10)], "name": "bench",
-            "data_config": model_data_config(model, image_size)}
+    meta = {
+        "architecture": model_name,
+        "classes": [f"class_{i}" for i in range(10)],
+        "name": "bench",
+        "data_config": model_data_config(model, image_size),
+    }
     return save_model_package(str(root / "package"), model, meta)
 
 
@@ -114,9 +124,14 @@ async def _load(url: str, payloads: list[bytes], concurrency: int, duration: flo
 
 def summarize(latencies: list[float], duration: float, errors: int = 0) -> dict:
     ms = sorted(x * 1000 for x in latencies)
-    return {"requests": len(ms), "errors": errors, "throughput_rps": len(ms) / duration,
-            "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
-            "mean_ms": statistics.fmean(ms)}
+    return {
+        "requests": len(ms),
+        "errors": errors,
+        "throughput_rps": len(ms) / duration,
+        "p50_ms": statistics.median(ms),
+        "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+        "mean_ms": statistics.fmean(ms),
+    }
 
 
 def run_load(url: str, payloads: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
@@ -124,8 +139,9 @@ def run_load(url: str, payloads: list[bytes], concurrency: int, duration: float,
     return asyncio.run(_load(url, payloads, concurrency, duration, warmup))
 
 
-def load_from_process(pool: cf.ProcessPoolExecutor, url: str, payloads: list[bytes], concurrency: int,
-                      args: argparse.Namespace) -> dict:
+def load_from_process(
+    pool: cf.ProcessPoolExecutor, url: str, payloads: list[bytes], concurrency: int, args: argparse.Namespace
+) -> dict:
     return pool.submit(run_load, url, payloads, concurrency, args.duration, args.warmup).result()
 
 
@@ -148,14 +164,25 @@ def measure_direct(model_uri: str, payloads: list[bytes], duration: float, threa
 
 
 def serve_config(args: argparse.Namespace, port: int, max_batch_size: int) -> ServeConfig:
-    return ServeConfig(port=port, app_name="bench", min_replicas=1, max_replicas=1, ingress_max_replicas=1,
-                       num_cpus=args.model_cpus, ingress_num_cpus=1, max_batch_size=max_batch_size,
-                       batch_wait_timeout_s=args.batch_wait_timeout_s,
-                       max_ongoing_requests=max(64, 2 * args.max_batch_size))
+    return ServeConfig(
+        port=port,
+        app_name="bench",
+        min_replicas=1,
+        max_replicas=1,
+        ingress_max_replicas=1,
+        num_cpus=args.model_cpus,
+        ingress_num_cpus=1,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_ongoing_requests=max(64, 2 * args.max_batch_size),
+    )
 
 
-SERVE_ROLES = {"proxy": "ProxyActor", "ingress": "ServeReplica:bench:ClassifierIngress",
-               "model": "ServeReplica:bench:ClassifierModel"}
+SERVE_ROLES = {
+    "proxy": "ProxyActor",
+    "ingress": "ServeReplica:bench:ClassifierIngress",
+    "model": "ServeReplica:bench:ClassifierModel",
+}
 
 
 def serving_cpu_seconds() -> dict[str, float]:
@@ -218,17 +245,22 @@ def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes])
             idle = idle_cpu_rate(args.warmup + args.duration)
             results["idle_cpu_ms_per_s"] = {role: rate * 1000 for role, rate in idle.items()}
             for _ in range(args.rounds):
-                for key, size, wait, clients in (("batched", args.max_batch_size, args.batch_wait_timeout_s,
-                                                  args.concurrency), ("unbatched", 1, 0.0, args.concurrency),
-                                                 ("sequential_http", 1, 0.0, 1)):
+                for key, size, wait, clients in (
+                    ("batched", args.max_batch_size, args.batch_wait_timeout_s, args.concurrency),
+                    ("unbatched", 1, 0.0, args.concurrency),
+                    ("sequential_http", 1, 0.0, 1),
+                ):
                     _set_batching(model, url, size, wait, replica)
                     cpu_before, t0 = serving_cpu_seconds(), time.perf_counter()
                     result = load_from_process(pool, predict, payloads, clients, args)
                     cpu_after, wall = serving_cpu_seconds(), time.perf_counter() - t0
                     # Minus what the processes burn when idle (Ray's background threads), per request of the run.
                     result["cpu_ms_per_request"] = {
-                        role: max(0.0, cpu_after[role] - cpu_before[role] - idle[role] * wall) * 1000
-                        / max(1, result["total_requests"]) for role in SERVE_ROLES}
+                        role: max(0.0, cpu_after[role] - cpu_before[role] - idle[role] * wall)
+                        * 1000
+                        / max(1, result["total_requests"])
+                        for role in SERVE_ROLES
+                    }
                     result["mean_batch_size"] = replica_stats(url)["mean_batch_size"]
                     results[key].append(result)
                 results["direct"].append(measure_direct(model_uri, payloads, args.duration, args.model_cpus))
@@ -252,13 +284,18 @@ def _median(runs: list[dict], key: str) -> float:
 
 def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> dict:
     """Print the side-by-side table (medians over the rounds) and the two ratios; returns the summary."""
-    print(f"\nmodel {args.model} @ {args.image_size}px, 1 model replica ({args.model_cpus} CPU), 1 ingress replica, "
-          f"{multiprocessing.cpu_count()} cores, {args.rounds} rounds of {args.duration:.0f} s (medians), "
-          f"load average before/after: {results['load']}")
+    print(
+        f"\nmodel {args.model} @ {args.image_size}px, 1 model replica ({args.model_cpus} CPU), 1 ingress replica, "
+        f"{multiprocessing.cpu_count()} cores, {args.rounds} rounds of {args.duration:.0f} s (medians), "
+        f"load average before/after: {results['load']}"
+    )
     print(f"{'run':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}")
-    rows = [(f"batching, {args.concurrency} clients", "batched"),
-            (f"max_batch_size=1, {args.concurrency} clients", "unbatched"),
-            ("max_batch_size=1, 1 client (HTTP)", "sequential_http"), ("direct call, batch 1", "direct")]
+    rows = [
+        (f"batching, {args.concurrency} clients", "batched"),
+        (f"max_batch_size=1, {args.concurrency} clients", "unbatched"),
+        ("max_batch_size=1, 1 client (HTTP)", "sequential_http"),
+        ("direct call, batch 1", "direct"),
+    ]
     summary: dict = {}
     for label, key in rows:
         runs = results[key]
@@ -266,8 +303,10 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> dict:
         row["errors"] = sum(r["errors"] for r in runs)
         row["mean_batch_size"] = _median(runs, "mean_batch_size") if "mean_batch_size" in runs[0] else None
         batch = f"{row['mean_batch_size']:.1f}" if row["mean_batch_size"] is not None else "-"
-        print(f"{label:<34}{row['throughput_rps']:>9.1f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{batch:>7}"
-              f"{row['errors']:>8}")
+        print(
+            f"{label:<34}{row['throughput_rps']:>9.1f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{batch:>7}"
+            f"{row['errors']:>8}"
+        )
         summary[key] = row
     idle = ", ".join(f"{role} {rate:.1f}" for role, rate in results["idle_cpu_ms_per_s"].items())
     print(f"\nidle CPU use subtracted (ms per s): {idle}")
@@ -284,11 +323,14 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> dict:
         summary[key]["cpu_ms_per_request"] = cpu
     summary["speedup"] = summary["batched"]["throughput_rps"] / summary["unbatched"]["throughput_rps"]
     summary["added_ms_p50"] = summary["sequential_http"]["p50_ms"] - summary["direct"]["p50_ms"]
-    summary["added_cpu_ms"] = (summary["sequential_http"]["cpu_ms_per_request"]["total"]
-                               - summary["direct"]["cpu_ms_per_request"]["total"])
+    summary["added_cpu_ms"] = (
+        summary["sequential_http"]["cpu_ms_per_request"]["total"] - summary["direct"]["cpu_ms_per_request"]["total"]
+    )
     print(f"\nthroughput with dynamic batching: {summary['speedup']:.2f}x of max_batch_size=1 (target >= 4x)")
-    print(f"added per request by the HTTP path (p50, 1 client): {summary['added_ms_p50']:.2f} ms wall, "
-          f"{summary['added_cpu_ms']:.2f} ms CPU (target <= 2 ms)")
+    print(
+        f"added per request by the HTTP path (p50, 1 client): {summary['added_ms_p50']:.2f} ms wall, "
+        f"{summary['added_cpu_ms']:.2f} ms CPU (target <= 2 ms)"
+    )
     return summary
 
 
@@ -311,11 +353,17 @@ def measure_model_batching(model_uri: str, payloads: list[bytes], args: argparse
     speedup = rates[args.max_batch_size] / rates[1]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.model_cpus} CPU thread(s)"
     amp = args.amp if args.device != "cpu" else "none"
-    print(f"\nmodel alone ({args.model} @ {args.image_size}px, {name}, amp {amp}):"
-          f" batch 1 {rates[1]:.0f} img/s, batch {args.max_batch_size} {rates[args.max_batch_size]:.0f} img/s"
-          f" = {speedup:.1f}x")
-    return {"batch_1_img_s": rates[1], f"batch_{args.max_batch_size}_img_s": rates[args.max_batch_size],
-            "speedup": speedup, "device": name}
+    print(
+        f"\nmodel alone ({args.model} @ {args.image_size}px, {name}, amp {amp}):"
+        f" batch 1 {rates[1]:.0f} img/s, batch {args.max_batch_size} {rates[args.max_batch_size]:.0f} img/s"
+        f" = {speedup:.1f}x"
+    )
+    return {
+        "batch_1_img_s": rates[1],
+        f"batch_{args.max_batch_size}_img_s": rates[args.max_batch_size],
+        "speedup": speedup,
+        "device": name,
+    }
 
 
 def main() -> None:
@@ -332,8 +380,9 @@ def main() -> None:
     summary = report(args, results)
     summary["model_alone"] = model_alone
     if args.output:
-        Path(args.output).write_text(json.dumps({"args": vars(args), "runs": results, "summary": summary},
-                                                indent=2, default=str))
+        Path(args.output).write_text(
+            json.dumps({"args": vars(args), "runs": results, "summary": summary}, indent=2, default=str)
+        )
 
 
 if __name__ == "__main__":

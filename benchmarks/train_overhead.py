@@ -60,10 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=40)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPUs of the Ray instance")
-    p.add_argument("--runs", default="baseline,cls_ray,baseline",
-                   help="comma-separated order of runs: baseline, baseline_jemalloc, cls_ray")
-    p.add_argument("--cpu-allocator", default="jemalloc", choices=["jemalloc", "system"],
-                   help="cls-ray's train.cpu_allocator (system: as before it preloaded jemalloc)")
+    p.add_argument(
+        "--runs",
+        default="baseline,cls_ray,baseline",
+        help="comma-separated order of runs: baseline, baseline_jemalloc, cls_ray",
+    )
+    p.add_argument(
+        "--cpu-allocator",
+        default="jemalloc",
+        choices=["jemalloc", "system"],
+        help="cls-ray's train.cpu_allocator (system: as before it preloaded jemalloc)",
+    )
     p.add_argument("--workdir", type=Path, default=_data.DEFAULT_WORKDIR)
     args = p.parse_args(argv)
     for key, value in (CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
@@ -85,10 +92,28 @@ def _gpu_count() -> int:
 def run_baseline(args: argparse.Namespace, jemalloc: bool = False) -> dict[str, Any]:
     """The plain DDP script under torchrun (``jemalloc``: with the allocator of cls-ray's CPU workers); returns its
     JSON result line."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}",
-           str(HERE / "ddp_baseline.py"), "--model", args.model, "--image-size", str(args.image_size),
-           "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp,
-           "--warmup-steps", str(args.steps_per_epoch), "--steps", str(args.steps_per_epoch * args.epochs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.workers}",
+        str(HERE / "ddp_baseline.py"),
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+        "--warmup-steps",
+        str(args.steps_per_epoch),
+        "--steps",
+        str(args.steps_per_epoch * args.epochs),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if jemalloc:
         from cls_ray.train.trainer import jemalloc_env
@@ -116,13 +141,27 @@ def make_config(args: argparse.Namespace, storage_path: str):
     cpus_per_worker = min(1.0, max(0.1, (args.cores - 1) / args.workers))
     return Config(
         model=ModelConfig(name=args.model, image_size=args.image_size, channels_last=True),
-        data=DataConfig(batch_size=args.batch_size, eval_batch_size=args.batch_size, auto_augment=None,
-                        color_jitter=0.0, re_prob=0.0, label_smoothing=0.1),
+        data=DataConfig(
+            batch_size=args.batch_size,
+            eval_batch_size=args.batch_size,
+            auto_augment=None,
+            color_jitter=0.0,
+            re_prob=0.0,
+            label_smoothing=0.1,
+        ),
         optim=OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, sched="none"),
-        train=TrainConfig(epochs=total_epochs, num_workers=args.workers, use_gpu=args.device == "cuda",
-                          cpu_allocator=args.cpu_allocator,
-                          cpus_per_worker=cpus_per_worker, amp=args.amp, eval_every=total_epochs,
-                          storage_path=storage_path, run_name="overhead", max_failures=0),
+        train=TrainConfig(
+            epochs=total_epochs,
+            num_workers=args.workers,
+            use_gpu=args.device == "cuda",
+            cpu_allocator=args.cpu_allocator,
+            cpus_per_worker=cpus_per_worker,
+            amp=args.amp,
+            eval_every=total_epochs,
+            storage_path=storage_path,
+            run_name="overhead",
+            max_failures=0,
+        ),
     )
 
 
@@ -136,8 +175,10 @@ def preloaded_datasets(args: argparse.Namespace, num_classes: int) -> tuple[Any,
     def synth(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(int(batch["id"][0]))
         n = len(batch["id"])
-        return {"image": rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),  # NHWC, as DecodeBatch
-                "label": rng.integers(0, classes, n).astype(np.int64)}
+        return {
+            "image": rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),  # NHWC, as DecodeBatch
+            "label": rng.integers(0, classes, n).astype(np.int64),
+        }
 
     rows = args.steps_per_epoch * args.batch_size * args.workers
     train = ray.data.range(rows, override_num_blocks=max(1, rows // 256)).map_batches(synth).materialize()
@@ -185,18 +226,28 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str) -> dict[str, Any]:
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("RAY_worker_niceness", "0")  # as the torchrun processes: compete on equal terms
-    ray.init(address="local", num_cpus=args.cores, num_gpus=args.workers if args.device == "cuda" else 0,
-             object_store_memory=max(500 * 2**20, 3 * args.steps_per_epoch * args.batch_size * args.workers
-                                     * 3 * args.image_size**2), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=args.cores,
+        num_gpus=args.workers if args.device == "cuda" else 0,
+        object_store_memory=max(
+            500 * 2**20, 3 * args.steps_per_epoch * args.batch_size * args.workers * 3 * args.image_size**2
+        ),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         train_ds, val_ds = preloaded_datasets(args, len(read_manifest(data_uri)["classes"]))
         with tempfile.TemporaryDirectory(prefix="cls-ray-overhead-") as tmp:
             cfg = make_config(args, tmp)
             clock_path = os.path.join(tmp, "clock.jsonl")
-            with mock.patch.object(trainer_mod, "build_train_dataset", lambda *a, **k: train_ds), \
-                    mock.patch.object(trainer_mod, "build_eval_dataset", lambda *a, **k: val_ds):
-                trainer = trainer_mod.build_trainer(data_uri, cfg, storage_path=tmp, run_name="overhead",
-                                                    callbacks=[_user_callback(clock_path)])
+            with (
+                mock.patch.object(trainer_mod, "build_train_dataset", lambda *a, **k: train_ds),
+                mock.patch.object(trainer_mod, "build_eval_dataset", lambda *a, **k: val_ds),
+            ):
+                trainer = trainer_mod.build_trainer(
+                    data_uri, cfg, storage_path=tmp, run_name="overhead", callbacks=[_user_callback(clock_path)]
+                )
             trainer.fit()
             history = read_history(storage.join(tmp, "overhead"))
             clock = [json.loads(line) for line in Path(clock_path).read_text().splitlines()]
@@ -205,8 +256,9 @@ def run_cls_ray(args: argparse.Namespace, data_uri: str) -> dict[str, Any]:
     return summarise_candidate(args, history, clock)
 
 
-def summarise_candidate(args: argparse.Namespace, history: list[dict[str, Any]],
-                        clock: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_candidate(
+    args: argparse.Namespace, history: list[dict[str, Any]], clock: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Steps/s inside the loop (its own ``epoch_time_s``: first batch request to last step, data waits and the
     iterator's per-epoch start included) and between reports (the driver's view, everything between two epochs'
     ends), and CPU seconds per step, over the timed epochs."""
@@ -214,12 +266,16 @@ def summarise_candidate(args: argparse.Namespace, history: list[dict[str, Any]],
     first, last = clock[0], clock[args.epochs]  # reports closing epoch 1 (warm-up) and epoch 1 + epochs
     timed = history[1 : 1 + args.epochs]
     loop_seconds = sum(h["epoch_time_s"] for h in timed)
-    return {"candidate": "cls-ray", "steps_per_s": steps / loop_seconds,
-            "between_reports_steps_per_s": steps / (last["t"] - first["t"]),
-            "cpu_s_per_step": (last["cpu"] - first["cpu"]) / steps,
-            "images_per_s": steps * args.batch_size * args.workers / loop_seconds, "steps": steps,
-            "data_wait_frac": sum(h["data_wait_frac"] * h["epoch_time_s"] for h in timed) / loop_seconds,
-            "epoch_time_s": [round(h["epoch_time_s"], 3) for h in history]}
+    return {
+        "candidate": "cls-ray",
+        "steps_per_s": steps / loop_seconds,
+        "between_reports_steps_per_s": steps / (last["t"] - first["t"]),
+        "cpu_s_per_step": (last["cpu"] - first["cpu"]) / steps,
+        "images_per_s": steps * args.batch_size * args.workers / loop_seconds,
+        "steps": steps,
+        "data_wait_frac": sum(h["data_wait_frac"] * h["epoch_time_s"] for h in timed) / loop_seconds,
+        "epoch_time_s": [round(h["epoch_time_s"], 3) for h in history],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -238,8 +294,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             candidate = run_cls_ray(args, data_uri)
         else:
             baselines[name].append(run_baseline(args, jemalloc=name == "baseline_jemalloc"))
-    record: dict[str, Any] = {"benchmark": "train_overhead", "args": {k: str(v) for k, v in vars(args).items()},
-                              **baselines, "cls_ray": candidate, "machine": _data.machine_description()}
+    record: dict[str, Any] = {
+        "benchmark": "train_overhead",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        **baselines,
+        "cls_ray": candidate,
+        "machine": _data.machine_description(),
+    }
     for name, suffix in (("baseline", ""), ("baseline_jemalloc", "_vs_jemalloc_baseline")):
         if baselines[name] and candidate:
             base = sum(b["steps_per_s"] for b in baselines[name]) / len(baselines[name])
@@ -256,18 +317,24 @@ def print_report(record: dict[str, Any]) -> None:
     """The human-readable lines (this is a benchmark script: printing is its output)."""
     for name in ("baseline", "baseline_jemalloc"):
         for b in record[name]:
-            print(f"{name} torchrun DDP: {b['steps_per_s']:.3f} steps/s ({b['images_per_s']:.1f} img/s, "
-                  f"{b['cpu_s_per_step']:.3f} CPU-s/step, {b['threads_per_rank']} thread(s) per rank)")
+            print(
+                f"{name} torchrun DDP: {b['steps_per_s']:.3f} steps/s ({b['images_per_s']:.1f} img/s, "
+                f"{b['cpu_s_per_step']:.3f} CPU-s/step, {b['threads_per_rank']} thread(s) per rank)"
+            )
     if record["cls_ray"]:
         c = record["cls_ray"]
-        print(f"cls-ray Ray Train:     {c['steps_per_s']:.3f} steps/s ({c['images_per_s']:.1f} img/s, "
-              f"{c['cpu_s_per_step']:.3f} CPU-s/step, between reports {c['between_reports_steps_per_s']:.3f} steps/s, "
-              f"data wait {c['data_wait_frac']:.1%})")
+        print(
+            f"cls-ray Ray Train:     {c['steps_per_s']:.3f} steps/s ({c['images_per_s']:.1f} img/s, "
+            f"{c['cpu_s_per_step']:.3f} CPU-s/step, between reports {c['between_reports_steps_per_s']:.3f} steps/s, "
+            f"data wait {c['data_wait_frac']:.1%})"
+        )
     for name, suffix in (("baseline", ""), ("baseline_jemalloc", "_vs_jemalloc_baseline")):
         if f"ratio_steps_per_s{suffix}" in record:
-            print(f"ratio cls-ray / {name} steps/s: {record[f'ratio_steps_per_s{suffix}']:.3f} (between reports "
-                  f"{record[f'ratio_between_reports_steps_per_s{suffix}']:.3f}); CPU-s per step cls-ray / {name}: "
-                  f"{record[f'ratio_cpu_s_per_step{suffix}']:.3f}")
+            print(
+                f"ratio cls-ray / {name} steps/s: {record[f'ratio_steps_per_s{suffix}']:.3f} (between reports "
+                f"{record[f'ratio_between_reports_steps_per_s{suffix}']:.3f}); CPU-s per step cls-ray / {name}: "
+                f"{record[f'ratio_cpu_s_per_step{suffix}']:.3f}"
+            )
 
 
 if __name__ == "__main__":

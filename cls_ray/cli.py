@@ -11,15 +11,24 @@ from cls_ray.config import ConfigError, load_config
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from cls_ray.data.ingest import ingest
 
-    overrides = (list(args.overrides) + (["ingest.overwrite=true"] if args.overwrite else [])
-                 + (["ingest.ffcv=true"] if args.ffcv else []))
+    overrides = (
+        list(args.overrides)
+        + (["ingest.overwrite=true"] if args.overwrite else [])
+        + (["ingest.ffcv=true"] if args.ffcv else [])
+    )
     cfg = load_config(args.config, overrides)
     ingest(args.src, args.dest, cfg.ingest)
     return 0
@@ -59,8 +68,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from cls_ray.export import export_package, print_exports
 
     cfg = load_config(args.config, args.overrides)
-    records = export_package(args.model, args.format, int8=args.int8, output_uri=args.output,
-                             calibration_data=args.calibration_data, cfg=cfg.export)
+    records = export_package(
+        args.model,
+        args.format,
+        int8=args.int8,
+        output_uri=args.output,
+        calibration_data=args.calibration_data,
+        cfg=cfg.export,
+    )
     print_exports(records, args.output or args.model)
     return 0
 
@@ -109,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="class folders: local dir or s3://bucket/prefix")
     p.add_argument("dest", help="dataset output: local dir or s3://bucket/prefix")
     p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at DEST")
-    p.add_argument("--ffcv", action="store_true",
-                   help="also write each split as an FFCV .beton file, for training with data.format=ffcv")
+    p.add_argument(
+        "--ffcv",
+        action="store_true",
+        help="also write each split as an FFCV .beton file, for training with data.format=ffcv",
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_ingest)
 
@@ -142,17 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export a model package to ONNX (optionally int8) or TorchScript, "
-                                      "parity-checked against the package before it is recorded")
+    p = sub.add_parser(
+        "export",
+        help="export a model package to ONNX (optionally int8) or TorchScript, "
+        "parity-checked against the package before it is recorded",
+    )
     p.add_argument("model", help="model package URI")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--int8", action="store_true",
-                   help="also a static int8 ONNX export (ONNX Runtime, QDQ), calibrated on the check's images")
-    p.add_argument("--output", default=None, metavar="URI",
-                   help="write into a copy of the package at URI instead of into the package")
-    p.add_argument("--calibration-data", default=None, metavar="DIR",
-                   help="images to check (and calibrate) on instead of the package dataset's validation split; "
-                        "class folders named like the package's classes also give accuracies")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also a static int8 ONNX export (ONNX Runtime, QDQ), calibrated on the check's images",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="URI",
+        help="write into a copy of the package at URI instead of into the package",
+    )
+    p.add_argument(
+        "--calibration-data",
+        default=None,
+        metavar="DIR",
+        help="images to check (and calibrate) on instead of the package dataset's validation split; "
+        "class folders named like the package's classes also give accuracies",
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_export)
 
@@ -186,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     from cls_ray.storage import s3_compat_env
 
     s3_compat_env()  # before any S3 client or Ray process starts, so every one of them inherits the choice
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -55,8 +55,13 @@ def pretrained_source(pretrained: str | None) -> PretrainedSource | None:
         source = None
     if source == "hf-hub":
         return "hf-hub"
-    if (storage.is_remote(pretrained) or pretrained.startswith("file://") or "/" in pretrained
-            or os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES)):
+    if (
+        storage.is_remote(pretrained)
+        or pretrained.startswith("file://")
+        or "/" in pretrained
+        or os.sep in pretrained
+        or pretrained.endswith(WEIGHT_SUFFIXES)
+    ):
         return "file"
     return "timm"
 
@@ -101,8 +106,11 @@ class IngestConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.val_fraction < 1, "ingest.val_fraction", "must be in [0, 1)")
         _check(0 <= self.test_fraction < 1, "ingest.test_fraction", "must be in [0, 1)")
-        _check(self.val_fraction + self.test_fraction < 1, "ingest.val_fraction + ingest.test_fraction",
-               "must leave some images for training (sum < 1)")
+        _check(
+            self.val_fraction + self.test_fraction < 1,
+            "ingest.val_fraction + ingest.test_fraction",
+            "must leave some images for training (sum < 1)",
+        )
         _check(self.max_pixels > 0, "ingest.max_pixels", "must be positive")
         _check(self.max_side >= 8, "ingest.max_side", "must be at least 8")
         _check(1 <= self.jpeg_quality <= 100, "ingest.jpeg_quality", "must be in [1, 100]")
@@ -110,8 +118,11 @@ class IngestConfig:
         _check(self.num_workers >= 0, "ingest.num_workers", "must be >= 0 (0 = one per core)")
         _check(self.min_images_per_class >= 1, "ingest.min_images_per_class", "must be at least 1")
         _check(self.ffcv_smart_threshold >= 1, "ingest.ffcv_smart_threshold", "must be at least 1")
-        _check(self.ffcv_max_resolution is None or self.ffcv_max_resolution >= 8, "ingest.ffcv_max_resolution",
-               "must be at least 8, or null")
+        _check(
+            self.ffcv_max_resolution is None or self.ffcv_max_resolution >= 8,
+            "ingest.ffcv_max_resolution",
+            "must be at least 8, or null",
+        )
 
 
 @dataclass
@@ -144,10 +155,13 @@ class ModelConfig:
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "model.crop_pct", "must be in (0, 1] or null")
         # Without weights, finetune would silently train from scratch and frozen would train a head on noise.
-        _check(self.mode == "scratch" or bool(self.pretrained), "model.mode",
-               f"{self.mode!r} needs model.pretrained (weights to start from: a timm hub tag such as "
-               f"resnet50.a1_in1k, hf-hub:ORG/NAME, or a weights file); set model.pretrained, or use "
-               f"model.mode=scratch")
+        _check(
+            self.mode == "scratch" or bool(self.pretrained),
+            "model.mode",
+            f"{self.mode!r} needs model.pretrained (weights to start from: a timm hub tag such as "
+            f"resnet50.a1_in1k, hf-hub:ORG/NAME, or a weights file); set model.pretrained, or use "
+            f"model.mode=scratch",
+        )
         self._check_hub_tag()
 
     def _check_hub_tag(self) -> None:
@@ -160,18 +174,26 @@ class ModelConfig:
 
         tag_arch, tag = split_model_name_tag(self.pretrained)
         arch = split_model_name_tag(self.name)[0]
-        _check(timm.is_model(tag_arch), "model.pretrained",
-               f"{self.pretrained!r} is neither a weights file (a path, file:// or s3:// URI, or a name ending in "
-               f"{', '.join(WEIGHT_SUFFIXES)}) nor a timm hub tag (ARCHITECTURE.TAG, e.g. resnet50.a1_in1k) nor "
-               f"hf-hub:ORG/NAME")
-        _check(tag_arch == arch, "model.pretrained",
-               f"hub tag {self.pretrained!r} holds weights of {tag_arch!r}, not of model.name {self.name!r}; set "
-               f"model.pretrained to a tag of {arch!r} ({', '.join(timm.list_pretrained(f'{arch}.*')[:4]) or 'none'}"
-               f"), or model.name={tag_arch}")
+        _check(
+            timm.is_model(tag_arch),
+            "model.pretrained",
+            f"{self.pretrained!r} is neither a weights file (a path, file:// or s3:// URI, or a name ending in "
+            f"{', '.join(WEIGHT_SUFFIXES)}) nor a timm hub tag (ARCHITECTURE.TAG, e.g. resnet50.a1_in1k) nor "
+            f"hf-hub:ORG/NAME",
+        )
+        _check(
+            tag_arch == arch,
+            "model.pretrained",
+            f"hub tag {self.pretrained!r} holds weights of {tag_arch!r}, not of model.name {self.name!r}; set "
+            f"model.pretrained to a tag of {arch!r} ({', '.join(timm.list_pretrained(f'{arch}.*')[:4]) or 'none'}"
+            f"), or model.name={tag_arch}",
+        )
         known = timm.list_pretrained(f"{arch}.*")
-        _check(self.pretrained in known if tag else bool(known), "model.pretrained",
-               f"timm has no pretrained weights {self.pretrained!r}; tags of {arch!r}: "
-               f"{', '.join(known[:8]) or 'none'}")
+        _check(
+            self.pretrained in known if tag else bool(known),
+            "model.pretrained",
+            f"timm has no pretrained weights {self.pretrained!r}; tags of {arch!r}: {', '.join(known[:8]) or 'none'}",
+        )
 
 
 @dataclass
@@ -235,14 +257,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", "must be at least 1")
-        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
-               "must be [min, max] with 0 < min <= max <= 1")
+        _check(
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+            "data.scale",
+            "must be [min, max] with 0 < min <= max <= 1",
+        )
         for key in ("hflip", "re_prob"):
             _check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be in [0, 1]")
         _check(0 <= self.label_smoothing < 1, "data.label_smoothing", "must be in [0, 1)")
         _check(self.mixup >= 0 and self.cutmix >= 0, "data.mixup / data.cutmix", "must be >= 0")
-        _check(self.mixup + self.cutmix == 0 or self.batch_size % 2 == 0, "data.batch_size",
-               "must be even when data.mixup or data.cutmix is on (timm Mixup pairs samples)")
+        _check(
+            self.mixup + self.cutmix == 0 or self.batch_size % 2 == 0,
+            "data.batch_size",
+            "must be even when data.mixup or data.cutmix is on (timm Mixup pairs samples)",
+        )
         _check(self.local_shuffle_buffer >= 1, "data.local_shuffle_buffer", "must be at least 1")
         _check(self.decode_cpus > 0, "data.decode_cpus", "must be positive")
         _check(self.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
@@ -251,12 +279,18 @@ class DataConfig:
             # FFCV's pipeline fuses RandomResizedCrop + flip into decoding; PIL-based ops have no place in it.
             pil_ops = (("auto_augment", self.auto_augment, "null"), ("color_jitter", self.color_jitter, "0"))
             pil_only = {key: (value, off) for key, value, off in pil_ops if value}
-            _check(not pil_only, "data.format",
-                   f"'ffcv' applies RandomResizedCrop, flip, random erasing and mixup/cutmix, not colour jitter or "
-                   f"RandAugment; set {' '.join(f'data.{k}={off}' for k, (_, off) in pil_only.items())} (now "
-                   f"{', '.join(f'data.{k}={v}' for k, (v, _) in pil_only.items())}), or use data.format=parquet")
-            _check(not self.balanced_sampling, "data.balanced_sampling",
-                   "is not available with data.format=ffcv; use train.class_weighted_loss, or data.format=parquet")
+            _check(
+                not pil_only,
+                "data.format",
+                f"'ffcv' applies RandomResizedCrop, flip, random erasing and mixup/cutmix, not colour jitter or "
+                f"RandAugment; set {' '.join(f'data.{k}={off}' for k, (_, off) in pil_only.items())} (now "
+                f"{', '.join(f'data.{k}={v}' for k, (v, _) in pil_only.items())}), or use data.format=parquet",
+            )
+            _check(
+                not self.balanced_sampling,
+                "data.balanced_sampling",
+                "is not available with data.format=ffcv; use train.class_weighted_loss, or data.format=parquet",
+            )
 
 
 @dataclass
@@ -345,21 +379,30 @@ class TrainConfig:
         _check(self.num_workers >= 1, "train.num_workers", "must be at least 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
         for name, amount in self.worker_resources.items():
-            _check(name not in ("CPU", "GPU") and isinstance(amount, (int, float)) and amount > 0,
-                   f"train.worker_resources.{name}",
-                   "must be a positive amount of a custom resource (CPU and GPU have their own keys)")
+            _check(
+                name not in ("CPU", "GPU") and isinstance(amount, (int, float)) and amount > 0,
+                f"train.worker_resources.{name}",
+                "must be a positive amount of a custom resource (CPU and GPU have their own keys)",
+            )
         _check(self.eval_every >= 1, "train.eval_every", "must be at least 1")
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
         _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)")
-        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
-               "train.early_stopping_patience", "must be at least 1 or null")
-        _check(self.run_name != "" and "/" not in self.run_name, "train.run_name",
-               "must be a non-empty name without '/'")
-        _check(self.package_name is None or PACKAGE_NAME_PATTERN.fullmatch(self.package_name) is not None,
-               "train.package_name", "must be letters, digits, '.', '_' or '-' (it is part of URLs), starting with "
-               "a letter or digit, at most 128 characters")
+        _check(
+            self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+            "train.early_stopping_patience",
+            "must be at least 1 or null",
+        )
+        _check(
+            self.run_name != "" and "/" not in self.run_name, "train.run_name", "must be a non-empty name without '/'"
+        )
+        _check(
+            self.package_name is None or PACKAGE_NAME_PATTERN.fullmatch(self.package_name) is not None,
+            "train.package_name",
+            "must be letters, digits, '.', '_' or '-' (it is part of URLs), starting with "
+            "a letter or digit, at most 128 characters",
+        )
 
 
 @dataclass
@@ -392,15 +435,22 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", "must be at least 1")
-        _check(self.startup_trials is None or self.startup_trials >= 1, "tune.startup_trials",
-               "must be at least 1 or null")
-        _check(self.experiment_name != "" and "/" not in self.experiment_name, "tune.experiment_name",
-               "must be a non-empty name without '/'")
+        _check(
+            self.startup_trials is None or self.startup_trials >= 1, "tune.startup_trials", "must be at least 1 or null"
+        )
+        _check(
+            self.experiment_name != "" and "/" not in self.experiment_name,
+            "tune.experiment_name",
+            "must be a non-empty name without '/'",
+        )
         _check(self.max_epochs >= 1, "tune.max_epochs", "must be at least 1")
         _check(1 <= self.grace_period <= self.max_epochs, "tune.grace_period", "must be in [1, tune.max_epochs]")
         _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be at least 2")
-        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
-               "must be at least 1 or null")
+        _check(
+            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+            "tune.max_concurrent_trials",
+            "must be at least 1 or null",
+        )
 
 
 @dataclass
@@ -450,22 +500,37 @@ class ServeConfig:
         _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
         _check(self.max_batch_size >= 1, "serve.max_batch_size", "must be at least 1")
         _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
-        _check(1 <= self.min_replicas <= self.max_replicas, "serve.min_replicas",
-               "must be at least 1 and at most serve.max_replicas")
+        _check(
+            1 <= self.min_replicas <= self.max_replicas,
+            "serve.min_replicas",
+            "must be at least 1 and at most serve.max_replicas",
+        )
         _check(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be positive")
         _check(self.max_images >= 1, "serve.max_images", "must be at least 1")
         _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with '/'")
         _check(self.max_request_bytes >= 1024, "serve.max_request_bytes", "must be at least 1024")
         _check(self.max_pixels > 0, "serve.max_pixels", "must be positive")
         _check(self.default_top_k >= 1, "serve.default_top_k", "must be at least 1")
-        _check(self.max_ongoing_requests >= self.max_batch_size, "serve.max_ongoing_requests",
-               "must be at least serve.max_batch_size (a replica never holds more images than this at once)")
-        _check(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0, "serve.upscale_delay_s",
-               "autoscaling delays must be >= 0")
-        _check(1 <= self.ingress_min_replicas <= self.ingress_max_replicas, "serve.ingress_min_replicas",
-               "must be at least 1 and at most serve.ingress_max_replicas")
-        _check(self.num_cpus >= 0 and self.ingress_num_cpus >= 0 and self.num_gpus >= 0, "serve.num_cpus",
-               "CPU and GPU amounts must be >= 0")
+        _check(
+            self.max_ongoing_requests >= self.max_batch_size,
+            "serve.max_ongoing_requests",
+            "must be at least serve.max_batch_size (a replica never holds more images than this at once)",
+        )
+        _check(
+            self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0,
+            "serve.upscale_delay_s",
+            "autoscaling delays must be >= 0",
+        )
+        _check(
+            1 <= self.ingress_min_replicas <= self.ingress_max_replicas,
+            "serve.ingress_min_replicas",
+            "must be at least 1 and at most serve.ingress_max_replicas",
+        )
+        _check(
+            self.num_cpus >= 0 and self.ingress_num_cpus >= 0 and self.num_gpus >= 0,
+            "serve.num_cpus",
+            "CPU and GPU amounts must be >= 0",
+        )
         _check(self.ingress_max_ongoing_requests >= 1, "serve.ingress_max_ongoing_requests", "must be at least 1")
         _check(self.ingress_target_ongoing_requests > 0, "serve.ingress_target_ongoing_requests", "must be positive")
         _check(self.request_timeout_s > 0, "serve.request_timeout_s", "must be positive")
@@ -506,13 +571,22 @@ class PredictConfig:
         _check(self.batch_size >= 1, "predict.batch_size", "must be at least 1")
         _check(self.files_per_output >= 1, "predict.files_per_output", "must be at least 1")
         _check(self.min_replicas >= 1, "predict.min_replicas", "must be at least 1")
-        _check(self.max_replicas is None or self.max_replicas >= self.min_replicas, "predict.max_replicas",
-               "must be at least predict.min_replicas, or null")
-        _check(self.replica_cpus > 0 and self.decode_cpus > 0, "predict.replica_cpus",
-               "predict.replica_cpus and predict.decode_cpus must be positive")
+        _check(
+            self.max_replicas is None or self.max_replicas >= self.min_replicas,
+            "predict.max_replicas",
+            "must be at least predict.min_replicas, or null",
+        )
+        _check(
+            self.replica_cpus > 0 and self.decode_cpus > 0,
+            "predict.replica_cpus",
+            "predict.replica_cpus and predict.decode_cpus must be positive",
+        )
         _check(self.max_pixels > 0, "predict.max_pixels", "must be positive")
-        _check(self.extensions is None or all(e.startswith(".") for e in self.extensions), "predict.extensions",
-               "must be a list of extensions starting with '.', e.g. [.jpg, .png], or null")
+        _check(
+            self.extensions is None or all(e.startswith(".") for e in self.extensions),
+            "predict.extensions",
+            "must be a list of extensions starting with '.', e.g. [.jpg, .png], or null",
+        )
 
 
 @dataclass
@@ -571,12 +645,16 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         for stage in self.stages:
-            _check(stage in PIPELINE_STAGES, "pipeline.stages", f"unknown stage {stage!r}; choose from "
-                   f"{', '.join(PIPELINE_STAGES)}")
-        _check("predict" not in self.stages or bool(self.predict_source), "pipeline.predict_source",
-               "the predict stage needs the images to score (a folder or s3:// prefix)")
-        _check(self.tune_subset_per_class is None or self.tune_subset_per_class >= 3,
-               "pipeline.tune_subset_per_class", "must be at least 3 (one image per split) or null")
+            _check(
+                stage in PIPELINE_STAGES,
+                "pipeline.stages",
+                f"unknown stage {stage!r}; choose from {', '.join(PIPELINE_STAGES)}",
+            )
+        _check(
+            self.tune_subset_per_class is None or self.tune_subset_per_class >= 3,
+            "pipeline.tune_subset_per_class",
+            "must be at least 3 (one image per split) or null",
+        )
 
 
 @dataclass
@@ -665,8 +743,10 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> An
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (in {source}); valid keys of "
-                          f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} (in {source}); valid keys of "
+            f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(names))}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -747,8 +827,8 @@ def write_resolved(cfg: Any, dir_uri: str, name: str = "config.yaml") -> str:
 
 def with_absolute_paths(cfg: Config) -> Config:
     """A copy of ``cfg`` whose local paths are absolute (see :func:`cls_ray.storage.absolute`): ``source``,
-    ``workdir``, ``pipeline.predict_source``, the train and tune storage paths, the search space, and ``model.pretrained`` when it names an
-    existing local file (otherwise it is a hub name or a remote URI)."""
+    ``workdir``, ``pipeline.predict_source``, the train and tune storage paths, the search space, and
+    ``model.pretrained`` when it names an existing local file (otherwise it is a hub name or a remote URI)."""
     cfg = copy.deepcopy(cfg)
     if cfg.source:
         cfg.source = storage.absolute(cfg.source)

@@ -29,8 +29,8 @@ from cls_ray import storage
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import DecodeBatch, as_nchw
 from cls_ray.data.transforms import normalize
-from cls_ray.package import PackageError, load_model_package
 from cls_ray.metrics import SCALAR_METRICS, ClassificationMetrics
+from cls_ray.package import PackageError, load_model_package
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ def _row_batches(data_uri: str, manifest: dict[str, Any], split: str, batch_size
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
-                yield {"image": batch.column("image").to_numpy(zero_copy_only=False),
-                       "label": batch.column("label").to_numpy()}
+                yield {
+                    "image": batch.column("image").to_numpy(zero_copy_only=False),
+                    "label": batch.column("label").to_numpy(),
+                }
 
 
 def _decoded(decode: DecodeBatch, batches: Iterator[dict]) -> Iterator[dict]:
@@ -59,14 +61,17 @@ def _decoded(decode: DecodeBatch, batches: Iterator[dict]) -> Iterator[dict]:
 
 def _check_classes(model_uri: str, classes: list[str], data_uri: str, manifest: dict[str, Any]) -> None:
     if list(manifest["classes"]) != list(classes):
-        raise PackageError(f"{model_uri} predicts classes {classes[:5]}... but {data_uri} has "
-                           f"{manifest['classes'][:5]}...; evaluate a package on a dataset with the same classes "
-                           f"in the same order")
+        raise PackageError(
+            f"{model_uri} predicts classes {classes[:5]}... but {data_uri} has "
+            f"{manifest['classes'][:5]}...; evaluate a package on a dataset with the same classes "
+            f"in the same order"
+        )
 
 
 @torch.no_grad()
-def compute_metrics(model_uri: str, data_uri: str, split: str = "test",
-                    batch_size: int = 256) -> tuple[dict[str, float], dict[str, Any]]:
+def compute_metrics(
+    model_uri: str, data_uri: str, split: str = "test", batch_size: int = 256
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Run a package over a split; returns ``(scalars, details)`` as :meth:`ClassificationMetrics.compute`."""
     manifest = manifest_lib.read_manifest(data_uri)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,9 +84,9 @@ def compute_metrics(model_uri: str, data_uri: str, split: str = "test",
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     package.model.to(memory_format=memory_format)
     for batch in _decoded(decode, _row_batches(data_uri, manifest, split, batch_size)):
-            images = as_nchw(torch.from_numpy(batch["image"]).to(device))
-            logits = package.model(normalize(images, mean, std).contiguous(memory_format=memory_format))
-            metrics.update(logits, torch.tensor(batch["label"], device=device))
+        images = as_nchw(torch.from_numpy(batch["image"]).to(device))
+        logits = package.model(normalize(images, mean, std).contiguous(memory_format=memory_format))
+        metrics.update(logits, torch.tensor(batch["label"], device=device))
     return metrics.compute()
 
 
@@ -104,8 +109,15 @@ def _confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> b
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -118,13 +130,16 @@ def _confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> b
 
 def _per_class_csv(per_class: list[dict[str, Any]], classes: list[str]) -> bytes:
     lines = ["label,class,precision,recall,f1,support"]
-    lines += [f"{i},{json.dumps(c)},{r['precision']:.6f},{r['recall']:.6f},{r['f1']:.6f},{r['support']}"
-              for i, (c, r) in enumerate(zip(classes, per_class, strict=True))]
+    lines += [
+        f"{i},{json.dumps(c)},{r['precision']:.6f},{r['recall']:.6f},{r['f1']:.6f},{r['support']}"
+        for i, (c, r) in enumerate(zip(classes, per_class, strict=True))
+    ]
     return ("\n".join(lines) + "\n").encode()
 
 
-def evaluate(model_uri: str, data_uri: str, split: str = "test", output_dir: str | None = None,
-             batch_size: int = 256) -> dict:
+def evaluate(
+    model_uri: str, data_uri: str, split: str = "test", output_dir: str | None = None, batch_size: int = 256
+) -> dict:
     """Evaluate a model package on a split and write the report files.
 
     Returns:
@@ -138,20 +153,37 @@ def evaluate(model_uri: str, data_uri: str, split: str = "test", output_dir: str
     meta = read_package_meta(model_uri)
     classes = list(meta["classes"])
     per_class = [{"class": c, **r} for c, r in zip(classes, details["per_class"], strict=True)]
-    report = {"model": model_uri, "model_name": meta["name"], "model_version": meta["version"], "dataset": data_uri,
-              "split": split, "metrics": scalars, "per_class": per_class,
-              "confusion_matrix": details["confusion_matrix"], "classes": classes}
+    report = {
+        "model": model_uri,
+        "model_name": meta["name"],
+        "model_version": meta["version"],
+        "dataset": data_uri,
+        "split": split,
+        "metrics": scalars,
+        "per_class": per_class,
+        "confusion_matrix": details["confusion_matrix"],
+        "classes": classes,
+    }
     storage.write_json(storage.join(output_dir, "metrics.json"), report)
-    storage.write_json(storage.join(output_dir, "confusion_matrix.json"),
-                       {"classes": classes, "rows": "true label", "columns": "predicted label",
-                        "matrix": details["confusion_matrix"]})
-    storage.write_bytes(storage.join(output_dir, "confusion_matrix.png"),
-                        _confusion_png(details["confusion_matrix"], classes, f"{split}: top-1 {scalars['top1']:.4f}"))
+    storage.write_json(
+        storage.join(output_dir, "confusion_matrix.json"),
+        {"classes": classes, "rows": "true label", "columns": "predicted label", "matrix": details["confusion_matrix"]},
+    )
+    storage.write_bytes(
+        storage.join(output_dir, "confusion_matrix.png"),
+        _confusion_png(details["confusion_matrix"], classes, f"{split}: top-1 {scalars['top1']:.4f}"),
+    )
     storage.write_bytes(storage.join(output_dir, "per_class.csv"), _per_class_csv(details["per_class"], classes))
     print_evaluation(report)
     logger.info("wrote the evaluation of %s on %s/%s to %s", model_uri, data_uri, split, output_dir)
-    return {**scalars, "per_class": per_class, "confusion_matrix": details["confusion_matrix"], "classes": classes,
-            "split": split, "output_dir": output_dir}
+    return {
+        **scalars,
+        "per_class": per_class,
+        "confusion_matrix": details["confusion_matrix"],
+        "classes": classes,
+        "split": split,
+        "output_dir": output_dir,
+    }
 
 
 def print_evaluation(report: dict[str, Any]) -> None:
@@ -159,13 +191,15 @@ def print_evaluation(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['model_name']} version {report['model_version']}, {report['split']} split: "
-                        "per-class metrics")
+    table = Table(
+        title=f"{report['model_name']} version {report['model_version']}, {report['split']} split: per-class metrics"
+    )
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in report["per_class"]:
-        table.add_row(row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
-                      str(row["support"]))
+        table.add_row(
+            row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])
+        )
     console = Console()
     console.print(table)
     m = report["metrics"]

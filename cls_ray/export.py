@@ -42,14 +42,17 @@ from cls_ray import storage
 from cls_ray.config import ExportConfig
 from cls_ray.data.transforms import normalize
 from cls_ray.export_images import ParityImages, load_parity_images
-from cls_ray.package import META_FILE, ModelPackage, PackageError, load_model_package, read_package_meta
+from cls_ray.package import META_FILE, ModelPackage, load_model_package, read_package_meta
 from cls_ray.predict import Predictor
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-EXPORT_FILES = {("onnx", "fp32"): "model.onnx", ("onnx", "int8"): "model.int8.onnx",
-                ("torchscript", "fp32"): "model.ts"}
+EXPORT_FILES = {
+    ("onnx", "fp32"): "model.onnx",
+    ("onnx", "int8"): "model.int8.onnx",
+    ("torchscript", "fp32"): "model.ts",
+}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ONNX_SIZE_LIMIT = 2**31 - 1  # protobuf's limit for a single-file ONNX model
 
@@ -76,10 +79,15 @@ class Export:
 
 def _metadata(meta: dict[str, Any]) -> dict[str, str]:
     """What a runtime needs to use an export without the package: strings, JSON where structured."""
-    return {"name": meta["name"], "version": meta["version"], "architecture": meta["architecture"],
-            "classes": json.dumps(list(meta["classes"])), "data_config": json.dumps(meta["data_config"]),
-            "input": "float32 NCHW RGB, (pixel / 255 - mean) / std with data_config's mean and std",
-            "output": "logits (softmax gives class probabilities, in the order of classes)"}
+    return {
+        "name": meta["name"],
+        "version": meta["version"],
+        "architecture": meta["architecture"],
+        "classes": json.dumps(list(meta["classes"])),
+        "data_config": json.dumps(meta["data_config"]),
+        "input": "float32 NCHW RGB, (pixel / 255 - mean) / std with data_config's mean and std",
+        "output": "logits (softmax gives class probabilities, in the order of classes)",
+    }
 
 
 @contextlib.contextmanager
@@ -114,15 +122,24 @@ def export_onnx(package: ModelPackage, opset: int) -> bytes:
 
     batch = torch.export.Dim("batch")
     with _quiet_exporters():
-        program = torch.onnx.export(package.model.cpu().eval(), (_example_input(package),), dynamo=True,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-                                    dynamic_shapes=({0: batch},), verbose=False)
+        program = torch.onnx.export(
+            package.model.cpu().eval(),
+            (_example_input(package),),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, _metadata(package.meta))
     proto.doc_string = f"cls-ray export of model package {package.name} version {package.version}"
     if proto.ByteSize() > ONNX_SIZE_LIMIT:
-        raise ExportError(f"{package.meta['architecture']}: the ONNX model is over 2 GB, the limit of a single-file "
-                          f"ONNX model; export it with --format torchscript")
+        raise ExportError(
+            f"{package.meta['architecture']}: the ONNX model is over 2 GB, the limit of a single-file "
+            f"ONNX model; export it with --format torchscript"
+        )
     return proto.SerializeToString()
 
 
@@ -139,8 +156,12 @@ class _CalibrationReader:
     """ONNX Runtime's ``CalibrationDataReader`` protocol over the check's images, ``batch_size`` at a time."""
 
     def __init__(self, images: ParityImages, data_config: dict[str, Any], batch_size: int):
-        self.batches = iter([{INPUT_NAME: _normalised(images.images[i:i + batch_size], data_config)}
-                             for i in range(0, len(images.images), batch_size)])
+        self.batches = iter(
+            [
+                {INPUT_NAME: _normalised(images.images[i : i + batch_size], data_config)}
+                for i in range(0, len(images.images), batch_size)
+            ]
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
@@ -159,12 +180,19 @@ def quantize_int8(fp32: bytes, images: ParityImages, data_config: dict[str, Any]
         with open(paths["fp32"], "wb") as f:
             f.write(fp32)
         quant_pre_process(paths["fp32"], paths["prepared"])  # shape inference + graph optimisation, as ORT advises
-        quantize_static(paths["prepared"], paths["int8"], _CalibrationReader(images, data_config, cfg.batch_size),
-                        quant_format=QuantFormat.QDQ, per_channel=cfg.int8_per_channel,
-                        reduce_range=cfg.int8_reduce_range, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        # LayerNorm's scale is 1-D: per-channel along axis 0 (ORT's default axis 1 is out of range).
-                        extra_options={"QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}})
+        quantize_static(
+            paths["prepared"],
+            paths["int8"],
+            _CalibrationReader(images, data_config, cfg.batch_size),
+            quant_format=QuantFormat.QDQ,
+            per_channel=cfg.int8_per_channel,
+            reduce_range=cfg.int8_reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            # LayerNorm's scale is 1-D: per-channel along axis 0 (ORT's default axis 1 is out of range).
+            extra_options={"QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}},
+        )
         with open(paths["int8"], "rb") as f:
             return f.read()
 
@@ -193,8 +221,7 @@ def make_export(package: ModelPackage, fmt: str, precision: str, data: bytes) ->
 # The parity check
 
 
-def probabilities(predict: Callable[[list[np.ndarray]], np.ndarray], images: np.ndarray,
-                  batch_size: int) -> np.ndarray:
+def probabilities(predict: Callable[[list[np.ndarray]], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
     """Class probabilities of every image: the first alone, then ``batch_size`` at a time (so a batch of one and a
     full batch, and usually a remainder, are all checked)."""
     starts = [0, *range(1, len(images), batch_size)] if len(images) > 1 else [0]
@@ -205,10 +232,14 @@ def probabilities(predict: Callable[[list[np.ndarray]], np.ndarray], images: np.
 def parity_figures(reference: np.ndarray, exported: np.ndarray, images: ParityImages) -> dict[str, Any]:
     """Max abs difference of the probabilities, top-1 agreement, and top-1 accuracy of both (None without labels)."""
     top_ref, top_exp = reference.argmax(1), exported.argmax(1)
-    figures: dict[str, Any] = {"images": len(reference), "source": images.source,
-                               "max_abs_diff": float(np.abs(reference - exported).max()),
-                               "top1_agreement": float((top_ref == top_exp).mean()),
-                               "top1_torch": None, "top1_export": None}
+    figures: dict[str, Any] = {
+        "images": len(reference),
+        "source": images.source,
+        "max_abs_diff": float(np.abs(reference - exported).max()),
+        "top1_agreement": float((top_ref == top_exp).mean()),
+        "top1_torch": None,
+        "top1_export": None,
+    }
     if images.labels is not None:
         figures["top1_torch"] = float((top_ref == images.labels).mean())
         figures["top1_export"] = float((top_exp == images.labels).mean())
@@ -224,14 +255,20 @@ def accuracy_drop(figures: dict[str, Any]) -> float:
 
 
 def describe_figures(figures: dict[str, Any]) -> str:
-    accuracy = (f"top-1 accuracy {figures['top1_torch']:.4f} PyTorch vs {figures['top1_export']:.4f} export"
-                if figures["top1_torch"] is not None else "no labels, so no accuracy")
-    return (f"max abs difference of probabilities {figures['max_abs_diff']:.3g}, top-1 agreement "
-            f"{figures['top1_agreement']:.4f}, {accuracy} ({figures['images']} images of {figures['source']})")
+    accuracy = (
+        f"top-1 accuracy {figures['top1_torch']:.4f} PyTorch vs {figures['top1_export']:.4f} export"
+        if figures["top1_torch"] is not None
+        else "no labels, so no accuracy"
+    )
+    return (
+        f"max abs difference of probabilities {figures['max_abs_diff']:.3g}, top-1 agreement "
+        f"{figures['top1_agreement']:.4f}, {accuracy} ({figures['images']} images of {figures['source']})"
+    )
 
 
-def check_parity(export: Export, reference: np.ndarray, images: ParityImages, cfg: ExportConfig,
-                 architecture: str) -> dict[str, Any]:
+def check_parity(
+    export: Export, reference: np.ndarray, images: ParityImages, cfg: ExportConfig, architecture: str
+) -> dict[str, Any]:
     """Run ``export`` on the images and compare it with the package's ``reference`` probabilities.
 
     Returns:
@@ -242,16 +279,20 @@ def check_parity(export: Export, reference: np.ndarray, images: ParityImages, cf
     """
     figures = parity_figures(reference, probabilities(export.predict, images.images, cfg.batch_size), images)
     if export.precision == "fp32" and not figures["max_abs_diff"] <= cfg.fp32_max_abs_diff:  # NaN fails too
-        raise ExportError(f"{export.file} failed the parity check and was not recorded: {describe_figures(figures)}; "
-                          f"fp32 must be within {cfg.fp32_max_abs_diff:g} (export.fp32_max_abs_diff)")
+        raise ExportError(
+            f"{export.file} failed the parity check and was not recorded: {describe_figures(figures)}; "
+            f"fp32 must be within {cfg.fp32_max_abs_diff:g} (export.fp32_max_abs_diff)"
+        )
     drop = accuracy_drop(figures)
     figures["accuracy_drop"] = drop
     if export.precision == "int8" and not drop <= cfg.int8_max_accuracy_drop:
-        raise ExportError(f"{export.file} refused: {architecture} does not quantise well with ONNX Runtime's static "
-                          f"int8 quantisation (QDQ, min-max calibration): it loses {drop:.4f} top-1 "
-                          f"{'accuracy' if figures['top1_torch'] is not None else 'agreement'}, more than "
-                          f"export.int8_max_accuracy_drop={cfg.int8_max_accuracy_drop:g} "
-                          f"({describe_figures(figures)}); ship the fp32 export instead")
+        raise ExportError(
+            f"{export.file} refused: {architecture} does not quantise well with ONNX Runtime's static "
+            f"int8 quantisation (QDQ, min-max calibration): it loses {drop:.4f} top-1 "
+            f"{'accuracy' if figures['top1_torch'] is not None else 'agreement'}, more than "
+            f"export.int8_max_accuracy_drop={cfg.int8_max_accuracy_drop:g} "
+            f"({describe_figures(figures)}); ship the fp32 export instead"
+        )
     logger.info("%s passed the parity check: %s", export.file, describe_figures(figures))
     return figures
 
@@ -280,33 +321,17 @@ def compare_latency(exports: list[Export], images: np.ndarray, cfg: ExportConfig
 # Recording
 
 
-def read_recorded_export(model_uri: str, meta: dict[str, Any], fmt: str, precision: str = "fp32") -> bytes:
-    """The bytes of the package's recorded export of ``fmt`` and ``precision``, checked against its SHA-256.
-
-    Raises:
-        PackageError: no such export recorded, or its file is not the one ``model.json`` records.
-    """
-    record = next((e for e in meta.get("exports", []) if e["format"] == fmt and e["precision"] == precision), None)
-    if record is None:
-        flag = " --int8" if precision == "int8" else ""
-        raise PackageError(f"{model_uri} records no {precision} {fmt} export; run `cls-ray export {model_uri} "
-                           f"--format {fmt}{flag}` first")
-    uri = storage.join(model_uri, record["file"])
-    data = storage.read_bytes(uri)
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise PackageError(f"{uri} is not the export {META_FILE} records (its SHA-256 differs): the file was changed "
-                           f"or half-copied; run `cls-ray export` again")
-    if record.get("package_version") != meta["version"]:
-        raise PackageError(f"{uri} was exported from package version {record.get('package_version')}, not "
-                           f"{meta['version']}; run `cls-ray export` again")
-    return data
-
-
 def _base_record(export: Export, meta: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
-    record = {"file": export.file, "format": export.format, "precision": export.precision,
-              "sha256": hashlib.sha256(export.data).hexdigest(), "bytes": len(export.data),
-              "package_version": meta["version"], "torch": torch.__version__,
-              "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    record = {
+        "file": export.file,
+        "format": export.format,
+        "precision": export.precision,
+        "sha256": hashlib.sha256(export.data).hexdigest(),
+        "bytes": len(export.data),
+        "package_version": meta["version"],
+        "torch": torch.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
     if export.format == "onnx":
         record.update(opset=cfg.opset, input=INPUT_NAME, output=OUTPUT_NAME, exporter="torch.onnx.export(dynamo=True)")
     else:
@@ -317,11 +342,12 @@ def _base_record(export: Export, meta: dict[str, Any], cfg: ExportConfig) -> dic
 def _copy_package(src: str, dest: str) -> None:
     """Every file of the package at ``src`` but ``model.json`` (written last, by the caller) into ``dest``."""
     if storage.exists(storage.join(dest, META_FILE)):
-        raise ExportError(f"--output {dest} is a model package already; choose a new location, or export into "
-                          f"{dest} itself")
+        raise ExportError(
+            f"--output {dest} is a model package already; choose a new location, or export into {dest} itself"
+        )
     fs, base = storage.resolve(src)
     for info in storage.list_files(src):
-        relative = info.path[len(base):].lstrip("/")
+        relative = info.path[len(base) :].lstrip("/")
         if relative != META_FILE:
             storage.copy_file(storage.join(src, *relative.split("/")), storage.join(dest, *relative.split("/")))
 
@@ -342,8 +368,14 @@ def record_exports(model_uri: str, exports: list[Export], output_uri: str | None
     return target
 
 
-def export_package(model_uri: str, format: str = "onnx", int8: bool = False, output_uri: str | None = None,
-                   calibration_data: str | None = None, cfg: ExportConfig | None = None) -> list[dict[str, Any]]:
+def export_package(
+    model_uri: str,
+    format: str = "onnx",
+    int8: bool = False,
+    output_uri: str | None = None,
+    calibration_data: str | None = None,
+    cfg: ExportConfig | None = None,
+) -> list[dict[str, Any]]:
     """Export a model package, check every export against it, and record those that pass.
 
     Args:
@@ -375,8 +407,10 @@ def export_package(model_uri: str, format: str = "onnx", int8: bool = False, out
         exports.append(make_export(package, "onnx", "int8", quantize_int8(data, images, package.data_config, cfg)))
     architecture = package.meta["architecture"]
     for export in exports:
-        export.record = {**_base_record(export, package.meta, cfg),
-                         "parity": check_parity(export, reference, images, cfg, architecture)}
+        export.record = {
+            **_base_record(export, package.meta, cfg),
+            "parity": check_parity(export, reference, images, cfg, architecture),
+        }
     if int8:
         exports[1].record["vs_fp32"] = _int8_comparison(exports, images, cfg)
     record_exports(model_uri, exports, output_uri)
@@ -385,10 +419,13 @@ def export_package(model_uri: str, format: str = "onnx", int8: bool = False, out
 
 def _int8_comparison(exports: list[Export], images: ParityImages, cfg: ExportConfig) -> dict[str, Any]:
     fp32, int8 = (e.record for e in exports)
-    comparison: dict[str, Any] = {"bytes_fp32": fp32["bytes"], "bytes_int8": int8["bytes"],
-                                  "size_ratio": int8["bytes"] / fp32["bytes"],
-                                  "latency_ms": compare_latency(exports, images.images, cfg),
-                                  "threads": torch.get_num_threads()}
+    comparison: dict[str, Any] = {
+        "bytes_fp32": fp32["bytes"],
+        "bytes_int8": int8["bytes"],
+        "size_ratio": int8["bytes"] / fp32["bytes"],
+        "latency_ms": compare_latency(exports, images.images, cfg),
+        "threads": torch.get_num_threads(),
+    }
     if fp32["parity"]["top1_export"] is not None:
         comparison["accuracy_drop"] = fp32["parity"]["top1_export"] - int8["parity"]["top1_export"]
     else:
@@ -407,17 +444,26 @@ def print_exports(records: list[dict[str, Any]], target: str) -> None:
         table.add_column(column, justify="right")
     for r in records:
         p = r["parity"]
-        table.add_row(r["file"], r["precision"], f"{p['max_abs_diff']:.2e}", f"{p['top1_agreement']:.4f}",
-                      "-" if p["top1_torch"] is None else f"{p['top1_torch']:.4f}",
-                      "-" if p["top1_export"] is None else f"{p['top1_export']:.4f}", f"{r['bytes'] / 1e6:.2f}")
+        table.add_row(
+            r["file"],
+            r["precision"],
+            f"{p['max_abs_diff']:.2e}",
+            f"{p['top1_agreement']:.4f}",
+            "-" if p["top1_torch"] is None else f"{p['top1_torch']:.4f}",
+            "-" if p["top1_export"] is None else f"{p['top1_export']:.4f}",
+            f"{r['bytes'] / 1e6:.2f}",
+        )
     console = Console()
     console.print(table)
     console.print(f"checked on {records[0]['parity']['images']} images of {records[0]['parity']['source']}")
     comparison = records[-1].get("vs_fp32")
     if comparison:
         for batch, ms in comparison["latency_ms"].items():
-            console.print(f"CPU latency {batch.replace('_', ' ')} ({comparison['threads']} threads): fp32 "
-                          f"{ms['fp32']:.2f} ms, int8 {ms['int8']:.2f} ms ({ms['fp32'] / ms['int8']:.2f}x)")
-        console.print(f"int8 size {comparison['size_ratio']:.2f}x of fp32"
-                      + (f", top-1 accuracy drop {comparison['accuracy_drop']:+.4f}" if "accuracy_drop" in comparison
-                         else ""))
+            console.print(
+                f"CPU latency {batch.replace('_', ' ')} ({comparison['threads']} threads): fp32 "
+                f"{ms['fp32']:.2f} ms, int8 {ms['int8']:.2f} ms ({ms['fp32'] / ms['int8']:.2f}x)"
+            )
+        console.print(
+            f"int8 size {comparison['size_ratio']:.2f}x of fp32"
+            + (f", top-1 accuracy drop {comparison['accuracy_drop']:+.4f}" if "accuracy_drop" in comparison else "")
+        )

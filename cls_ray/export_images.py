@@ -45,16 +45,20 @@ def validation_images(package: ModelPackage, max_images: int, max_pixels: int) -
     """Up to ``max_images`` images of the validation split of the package's dataset (spread over the split)."""
     data_uri = package.meta.get("dataset", {}).get("uri")
     if not data_uri:
-        raise ParityImagesError(f"model package {package.name} records no dataset (model.json has no dataset.uri); "
-                                f"give a folder of images with --calibration-data")
+        raise ParityImagesError(
+            f"model package {package.name} records no dataset (model.json has no dataset.uri); "
+            f"give a folder of images with --calibration-data"
+        )
     try:
         manifest = manifest_lib.read_manifest(data_uri)
     except (manifest_lib.ManifestError, storage.StorageError) as exc:
-        raise ParityImagesError(f"the package's dataset {data_uri} cannot be read ({exc}); give a folder of images "
-                                f"with --calibration-data") from None
+        raise ParityImagesError(
+            f"the package's dataset {data_uri} cannot be read ({exc}); give a folder of images with --calibration-data"
+        ) from None
     if list(manifest["classes"]) != list(package.classes):
-        raise ParityImagesError(f"{data_uri} has other classes than package {package.name}; give a folder of "
-                                f"images with --calibration-data")
+        raise ParityImagesError(
+            f"{data_uri} has other classes than package {package.name}; give a folder of images with --calibration-data"
+        )
     total = int(manifest["splits"].get("val", {}).get("num_rows", 0))
     wanted = set(_spread(total, max_images))
     transform = create_image_transform(package.data_config)
@@ -63,8 +67,9 @@ def validation_images(package: ModelPackage, max_images: int, max_pixels: int) -
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["image", "label"]):
-                for data, label in zip(batch.column("image").to_pylist(), batch.column("label").to_pylist(),
-                                       strict=True):
+                for data, label in zip(
+                    batch.column("image").to_pylist(), batch.column("label").to_pylist(), strict=True
+                ):
                     if row in wanted:
                         images.append(preprocess_image(data, transform, max_pixels))  # ingest validated them
                         labels.append(label)
@@ -77,15 +82,16 @@ def folder_images(package: ModelPackage, folder: str, max_images: int, max_pixel
     are skipped and counted). Labels only where every image's first-level folder is one of the package's classes."""
     root = storage.absolute(folder).rstrip("/")
     _, base = storage.resolve(root)
-    relative = sorted(i.path[len(base):].lstrip("/") for i in storage.list_files(root))
+    relative = sorted(i.path[len(base) :].lstrip("/") for i in storage.list_files(root))
     relative = [r for r in relative if not any(part.startswith(".") for part in r.split("/"))]
     transform = create_image_transform(package.data_config)
     index = {c: i for i, c in enumerate(package.classes)}
     images, labels, skipped = [], [], 0
     for path in (relative[i] for i in _spread(len(relative), max_images)):
         try:
-            images.append(preprocess_image(storage.read_bytes(storage.join(root, *path.split("/"))), transform,
-                                           max_pixels))
+            images.append(
+                preprocess_image(storage.read_bytes(storage.join(root, *path.split("/"))), transform, max_pixels)
+            )
         except (ImageDecodeError, storage.StorageError) as exc:
             skipped += 1
             logger.debug("skipped %s: %s", path, exc)
@@ -96,8 +102,9 @@ def folder_images(package: ModelPackage, folder: str, max_images: int, max_pixel
         logger.warning("%d files below %s are not usable images and were skipped", skipped, folder)
     label_array = np.asarray(labels, dtype=np.int64)
     if len(label_array) and (label_array < 0).any():
-        logger.info("%s is not class folders named like the package's classes: exports are compared without "
-                    "accuracies", folder)
+        logger.info(
+            "%s is not class folders named like the package's classes: exports are compared without accuracies", folder
+        )
         label_array = None
     return _checked(images, label_array, folder)
 
@@ -108,8 +115,9 @@ def _checked(images: list[np.ndarray], labels: np.ndarray | None, source: str) -
     return ParityImages(np.stack(images), labels, source)
 
 
-def load_parity_images(package: ModelPackage, calibration_data: str | None, max_images: int,
-                       max_pixels: int) -> ParityImages:
+def load_parity_images(
+    package: ModelPackage, calibration_data: str | None, max_images: int, max_pixels: int
+) -> ParityImages:
     """The images exports of ``package`` are checked on: ``calibration_data`` if given, else its validation split."""
     if calibration_data:
         return folder_images(package, calibration_data, max_images, max_pixels)

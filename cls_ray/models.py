@@ -59,8 +59,10 @@ def _load_pretrained_file(model: nn.Module, uri: str) -> None:
     missing = sorted(set(own) - set(kept))
     bad_missing = [k for k in missing if k not in head_keys and not k.endswith("num_batches_tracked")]
     if bad_missing:
-        raise ConfigError(f"model.pretrained: {uri} does not fit {type(model).__name__}; missing "
-                          f"{len(bad_missing)} weights such as {bad_missing[:3]}")
+        raise ConfigError(
+            f"model.pretrained: {uri} does not fit {type(model).__name__}; missing "
+            f"{len(bad_missing)} weights such as {bad_missing[:3]}"
+        )
     model.load_state_dict(kept, strict=False)
     logger.info("loaded %d tensors from %s (%d dropped: new classifier head)", len(kept), uri, len(dropped))
 
@@ -98,9 +100,11 @@ def _check_hf_hub_architecture(cfg: ModelConfig) -> None:
     _, repo = parse_model_name(cfg.pretrained)
     _, architecture, _ = load_model_config_from_hf(repo)
     if get_arch_name(architecture) != get_arch_name(cfg.name):
-        raise ConfigError(f"model.pretrained: {cfg.pretrained} holds weights of {architecture!r}, not of model.name "
-                          f"{cfg.name!r}; set model.name={architecture}, or model.pretrained to weights of "
-                          f"{cfg.name!r}")
+        raise ConfigError(
+            f"model.pretrained: {cfg.pretrained} holds weights of {architecture!r}, not of model.name "
+            f"{cfg.name!r}; set model.name={architecture}, or model.pretrained to weights of "
+            f"{cfg.name!r}"
+        )
 
 
 def _timm_name(cfg: ModelConfig) -> str:

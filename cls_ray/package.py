@@ -89,15 +89,22 @@ def save_model_package(uri: str, model: nn.Module, meta: dict[str, Any]) -> str:
     if "version" in meta:
         raise PackageError("model package metadata: 'version' is the weights' digest, set by save_model_package")
     if not PACKAGE_NAME_PATTERN.fullmatch(meta["name"]):
-        raise PackageError(f"model package name {meta['name']!r}: use letters, digits, '.', '_' and '-' (it is part "
-                           f"of URLs), starting with a letter or digit, at most 128 characters")
+        raise PackageError(
+            f"model package name {meta['name']!r}: use letters, digits, '.', '_' and '-' (it is part "
+            f"of URLs), starting with a letter or digit, at most 128 characters"
+        )
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = save_safetensors(state)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
-    full = {"format_version": PACKAGE_FORMAT_VERSION, "num_classes": len(meta["classes"]), **meta,
-            "version": weights_version(weights), "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    full = {
+        "format_version": PACKAGE_FORMAT_VERSION,
+        "num_classes": len(meta["classes"]),
+        **meta,
+        "version": weights_version(weights),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
     storage.write_json(storage.join(uri, META_FILE), full)
     logger.info("wrote model package %s (%s version %s)", uri, full["name"], full["version"])
     return uri
@@ -115,8 +122,10 @@ def read_package_meta(uri: str) -> dict[str, Any]:
     meta = storage.read_json(meta_uri)
     version = meta.get("format_version")
     if version not in READABLE_FORMAT_VERSIONS:
-        raise PackageError(f"{meta_uri}: package format version {version!r} is not supported "
-                           f"(this cls-ray reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
+        raise PackageError(
+            f"{meta_uri}: package format version {version!r} is not supported "
+            f"(this cls-ray reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
+        )
     if "version" not in meta:  # format 1: derive what format 2 records
         meta.setdefault("name", package_name(meta["architecture"]))
         meta["version"] = weights_version(storage.read_bytes(storage.join(uri, WEIGHTS_FILE)))
@@ -126,13 +135,44 @@ def read_package_meta(uri: str) -> dict[str, Any]:
 def load_model_package(uri: str, device: str | torch.device = "cpu") -> ModelPackage:
     """Load a package written by :func:`save_model_package`; the model is in eval mode on ``device``."""
     meta = read_package_meta(uri)
-    model = timm.create_model(meta["architecture"], pretrained=False, num_classes=len(meta["classes"]),
-                              **meta.get("model_kwargs", {}))
+    model = timm.create_model(
+        meta["architecture"], pretrained=False, num_classes=len(meta["classes"]), **meta.get("model_kwargs", {})
+    )
     weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
     expected = meta.get("weights_sha256")
     if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
-        raise PackageError(f"{storage.join(uri, WEIGHTS_FILE)} is not the file {META_FILE} describes (its SHA-256 "
-                           f"differs): the package was changed or half-copied; copy or write it again")
+        raise PackageError(
+            f"{storage.join(uri, WEIGHTS_FILE)} is not the file {META_FILE} describes (its SHA-256 "
+            f"differs): the package was changed or half-copied; copy or write it again"
+        )
     model.load_state_dict(load_safetensors(weights), strict=True)
     model.eval().to(device)
     return ModelPackage(model=model, meta=meta)
+
+
+def read_recorded_export(model_uri: str, meta: dict[str, Any], fmt: str, precision: str = "fp32") -> bytes:
+    """The bytes of the package's recorded export of ``fmt`` and ``precision``, checked against its SHA-256.
+
+    Raises:
+        PackageError: no such export recorded, or its file is not the one ``model.json`` records.
+    """
+    record = next((e for e in meta.get("exports", []) if e["format"] == fmt and e["precision"] == precision), None)
+    if record is None:
+        flag = " --int8" if precision == "int8" else ""
+        raise PackageError(
+            f"{model_uri} records no {precision} {fmt} export; run `cls-ray export {model_uri} "
+            f"--format {fmt}{flag}` first"
+        )
+    uri = storage.join(model_uri, record["file"])
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise PackageError(
+            f"{uri} is not the export {META_FILE} records (its SHA-256 differs): the file was changed "
+            f"or half-copied; run `cls-ray export` again"
+        )
+    if record.get("package_version") != meta["version"]:
+        raise PackageError(
+            f"{uri} was exported from package version {record.get('package_version')}, not "
+            f"{meta['version']}; run `cls-ray export` again"
+        )
+    return data

@@ -59,15 +59,17 @@ def _search(data_uri: str, cfg: Config) -> Any:
     if cfg.pipeline.tune_subset_per_class:
         search_uri = storage.join(cfg.workdir, "dataset-search")
         write_subset(data_uri, search_uri, cfg.pipeline.tune_subset_per_class)
-    tune_cfg = dataclasses.replace(cfg, tune=dataclasses.replace(
-        cfg.tune, storage_path=cfg.workdir, experiment_name="search"))
+    tune_cfg = dataclasses.replace(
+        cfg, tune=dataclasses.replace(cfg.tune, storage_path=cfg.workdir, experiment_name="search")
+    )
     return tune(search_uri, tune_cfg)
 
 
 def _final_config(cfg: Config, search: Any) -> Config:
     """The user's config with the search winner's sampled values; epochs and the run stay the user's."""
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, storage_path=storage.join(cfg.workdir, "runs"), run_name="final"))
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, storage_path=storage.join(cfg.workdir, "runs"), run_name="final")
+    )
     if search is None:
         return cfg
     from cls_ray.tune.space import config_values, trial_config
@@ -83,6 +85,10 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     stages = cfg.pipeline.stages
     if "ingest" in stages and not cfg.source:
         raise ConfigError("source: the pipeline's ingest stage needs `source` (class folders, local or s3://)")
+    if "predict" in stages and not cfg.pipeline.predict_source:
+        raise ConfigError(
+            "pipeline.predict_source: the predict stage needs the images to score (a folder or s3:// prefix)"
+        )
     if set(stages) & {"evaluate", "export", "predict", "serve"} and not ("tune" in stages or "train" in stages):
         raise ConfigError("pipeline.stages: evaluate, export, predict and serve need a model: include tune or train")
     write_resolved(cfg, cfg.workdir)
@@ -103,8 +109,9 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     if "evaluate" in stages:
         from cls_ray.evaluate import evaluate
 
-        result.test_metrics = evaluate(result.package_uri, result.dataset_uri, split="test",
-                                       output_dir=storage.join(cfg.workdir, "evaluation"))
+        result.test_metrics = evaluate(
+            result.package_uri, result.dataset_uri, split="test", output_dir=storage.join(cfg.workdir, "evaluation")
+        )
     if "export" in stages:
         from cls_ray.export import export_package, print_exports
 
@@ -113,8 +120,9 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     if "predict" in stages:
         from cls_ray.predict import predict, print_prediction_summary
 
-        result.predictions = predict(result.package_uri, cfg.pipeline.predict_source,
-                                     storage.join(cfg.workdir, "predictions"), cfg.predict)
+        result.predictions = predict(
+            result.package_uri, cfg.pipeline.predict_source, storage.join(cfg.workdir, "predictions"), cfg.predict
+        )
         print_prediction_summary(result.predictions)
     if "serve" in stages:
         result.url = serve_and_check(result.package_uri, result.dataset_uri, cfg)
@@ -134,8 +142,12 @@ def _test_samples(data_uri: str, count: int) -> list[dict[str, Any]]:
 
 
 def _predict_over_http(url: str, image: bytes, top_k: int = 1) -> dict[str, Any]:
-    request = urllib.request.Request(f"{url}/v1/predict?top_k={top_k}", data=image, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
+    request = urllib.request.Request(
+        f"{url}/v1/predict?top_k={top_k}",
+        data=image,
+        method="POST",
+        headers={"Content-Type": "application/octet-stream"},
+    )
     api_key_env = os.environ.get("CLS_RAY_DEMO_API_KEY")
     if api_key_env:
         request.add_header("X-API-Key", api_key_env)
@@ -182,8 +194,10 @@ def run_demo(workdir: str = "demo_output", overrides: list[str] | None = None, k
         cfg.pipeline.stages.append("serve")
     result = run_pipeline(cfg)
     if result.test_metrics:
-        print(f"Fashion-MNIST test accuracy (top-1) of {result.package_uri}: {result.test_metrics['top1']:.4f}",
-              flush=True)
+        print(
+            f"Fashion-MNIST test accuracy (top-1) of {result.package_uri}: {result.test_metrics['top1']:.4f}",
+            flush=True,
+        )
     if keep_serving:
         report_serving(result.url, result.package_uri, detach=False)
         _serve_until_interrupted()

@@ -49,8 +49,10 @@ def preprocess_image(data: bytes, transform: ImageTransform, max_pixels: int) ->
 def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
     """Per row of ``probs`` (N, C): the ``k`` most probable classes as ``{"label", "class", "probability"}``."""
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[{"label": int(i), "class": classes[int(i)], "probability": float(row[i])} for i in idx]
-            for row, idx in zip(probs, order, strict=True)]
+    return [
+        [{"label": int(i), "class": classes[int(i)], "probability": float(row[i])} for i in idx]
+        for row, idx in zip(probs, order, strict=True)
+    ]
 
 
 class OnnxRuntimeModel:
@@ -76,8 +78,10 @@ class OnnxRuntimeModel:
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
             else:
-                logger.warning("this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu): "
-                               "the ONNX backend runs on the CPU")
+                logger.warning(
+                    "this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu): "
+                    "the ONNX backend runs on the CPU"
+                )
         self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
@@ -103,8 +107,14 @@ class Predictor:
         onnx_model: the ONNX file's bytes, for the onnx backend (:meth:`from_uri` reads the package's recorded one).
     """
 
-    def __init__(self, package: ModelPackage, device: str | torch.device = "cpu", amp: str = "bf16",
-                 backend: str = "torch", onnx_model: bytes | None = None):
+    def __init__(
+        self,
+        package: ModelPackage,
+        device: str | torch.device = "cpu",
+        amp: str = "bf16",
+        backend: str = "torch",
+        onnx_model: bytes | None = None,
+    ):
         self.package = package
         self.backend = backend
         self.classes = list(package.classes)
@@ -115,8 +125,10 @@ class Predictor:
             self._init_torch(torch.device(device), amp)
         elif backend == "onnx":
             if onnx_model is None:
-                raise ValueError("Predictor(backend='onnx') needs onnx_model, the bytes of the package's ONNX export "
-                                 "(Predictor.from_uri reads it from the package)")
+                raise ValueError(
+                    "Predictor(backend='onnx') needs onnx_model, the bytes of the package's ONNX export "
+                    "(Predictor.from_uri reads it from the package)"
+                )
             self.device, self.memory_format = torch.device("cpu"), torch.contiguous_format
             self.model = OnnxRuntimeModel(onnx_model, torch.device(device))
             self._forward = self.model
@@ -128,8 +140,11 @@ class Predictor:
         on_cuda = device.type == "cuda"
         self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
         self.model = self.package.model.to(device, memory_format=self.memory_format).eval()
-        autocast = (functools.partial(torch.autocast, "cuda", dtype=AMP_DTYPES[amp])
-                    if on_cuda and amp in AMP_DTYPES else contextlib.nullcontext)
+        autocast = (
+            functools.partial(torch.autocast, "cuda", dtype=AMP_DTYPES[amp])
+            if on_cuda and amp in AMP_DTYPES
+            else contextlib.nullcontext
+        )
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with autocast():
@@ -138,8 +153,14 @@ class Predictor:
         self._forward = forward
 
     @classmethod
-    def from_uri(cls, model_uri: str, device: str | torch.device = "cpu", amp: str = "bf16", backend: str = "torch",
-                 precision: str = "fp32") -> Predictor:
+    def from_uri(
+        cls,
+        model_uri: str,
+        device: str | torch.device = "cpu",
+        amp: str = "bf16",
+        backend: str = "torch",
+        precision: str = "fp32",
+    ) -> Predictor:
         """Load the package at ``model_uri`` (local path or s3://) onto ``device``.
 
         For the onnx backend, the package's recorded ONNX export of ``precision`` (``"fp32"``, or ``"int8"`` from
@@ -151,10 +172,12 @@ class Predictor:
         package = load_model_package(model_uri, device="cpu")
         if backend != "onnx":
             if precision != "fp32":
-                raise ValueError(f"precision {precision!r} is for the onnx backend; the torch backend runs the "
-                                 f"package's weights (use amp for reduced precision on GPU)")
+                raise ValueError(
+                    f"precision {precision!r} is for the onnx backend; the torch backend runs the "
+                    f"package's weights (use amp for reduced precision on GPU)"
+                )
             return cls(package, device=device, amp=amp, backend=backend)
-        from cls_ray.export import read_recorded_export
+        from cls_ray.package import read_recorded_export
 
         onnx_model = read_recorded_export(model_uri, package.meta, "onnx", precision)
         return cls(package, device=device, amp=amp, backend="onnx", onnx_model=onnx_model)
@@ -171,16 +194,24 @@ class Predictor:
         logits = self._forward(x)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
-    def predict_bytes(self, images: Sequence[bytes], batch_size: int = 64,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    def predict_bytes(
+        self, images: Sequence[bytes], batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> np.ndarray:
         """Probabilities (N, C) of encoded images; raises :class:`ImageDecodeError` on the first bad one."""
         arrays = [self.preprocess(data, max_pixels) for data in images]
-        chunks = [self.predict_batch(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
+        chunks = [self.predict_batch(arrays[i : i + batch_size]) for i in range(0, len(arrays), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)), np.float32)
 
 
-def predict_files(model_uri: str, uris: Sequence[str], *, batch_size: int = 64, k: int = 5,
-                  device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+def predict_files(
+    model_uri: str,
+    uris: Sequence[str],
+    *,
+    batch_size: int = 64,
+    k: int = 5,
+    device: str = "cpu",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[dict[str, Any]]:
     """Score image files (local paths or s3:// URIs) with a model package.
 
     Returns one dict per input, in order: ``{"path", "model", "top_k": [...], "probabilities": [...]}`` or, for a
@@ -203,9 +234,10 @@ def predict_files(model_uri: str, uris: Sequence[str], *, batch_size: int = 64, 
         except ImageDecodeError as exc:
             results[i].update(error=str(exc), reason=exc.reason)
     for start in range(0, len(arrays), batch_size):
-        probs = predictor.predict_batch(arrays[start:start + batch_size])
-        for i, row, best in zip(good[start:start + batch_size], probs, top_k(probs, predictor.classes, k),
-                                strict=True):
+        probs = predictor.predict_batch(arrays[start : start + batch_size])
+        for i, row, best in zip(
+            good[start : start + batch_size], probs, top_k(probs, predictor.classes, k), strict=True
+        ):
             results[i].update(top_k=best, probabilities=row.tolist())
     logger.info("scored %d of %d files with %s", len(good), len(uris), model_uri)
     return results
@@ -254,7 +286,7 @@ def list_inputs(src: str, extensions: Sequence[str] | None = None, max_workers: 
     prefix = "s3://" if storage.is_remote(root) else ""
     uris = []
     for info in files:
-        relative = info.path[len(base):].lstrip("/")
+        relative = info.path[len(base) :].lstrip("/")
         if any(part.startswith(".") for part in relative.split("/")):
             continue
         if wanted is None or info.path.lower().endswith(wanted):
@@ -271,7 +303,7 @@ def plan_outputs(uris: Sequence[str], files_per_output: int, settings: str) -> d
     """
     parts: dict[str, list[str]] = {}
     for index, start in enumerate(range(0, len(uris), files_per_output)):
-        chunk = list(uris[start:start + files_per_output])
+        chunk = list(uris[start : start + files_per_output])
         digest = hashlib.sha256("\n".join([settings, *chunk]).encode()).hexdigest()[:12]
         parts[f"{PART_PREFIX}{index:05d}-{digest}"] = chunk
     return parts
@@ -282,8 +314,9 @@ def _eval_transform(data_config_json: str) -> ImageTransform:
     return create_image_transform(json.loads(data_config_json))
 
 
-def read_and_preprocess(batch: dict[str, np.ndarray], data_config: dict[str, Any],
-                        max_pixels: int) -> dict[str, np.ndarray]:
+def read_and_preprocess(
+    batch: dict[str, np.ndarray], data_config: dict[str, Any], max_pixels: int
+) -> dict[str, np.ndarray]:
     """Ray Data batch UDF: ``path`` URIs -> the serving preprocessing's uint8 CHW ``image`` and an ``error``.
 
     A file that cannot be read or is not a usable image gets a zero image and the reason in ``error``; nothing a
@@ -325,11 +358,15 @@ class ScoreImages:
                 classes[i] = [b["class"] for b in best]
                 probabilities[i] = [b["probability"] for b in best]
         errors = [e or None for e in batch["error"]]
-        return pa.table({"path": pa.array(list(batch["path"]), pa.string()),
-                         "part": pa.array(list(batch["part"]), pa.string()),
-                         "top_k_classes": pa.array(classes, pa.list_(pa.string())),
-                         "top_k_probabilities": pa.array(probabilities, pa.list_(pa.float32())),
-                         "error": pa.array(errors, pa.string())})
+        return pa.table(
+            {
+                "path": pa.array(list(batch["path"]), pa.string()),
+                "part": pa.array(list(batch["part"]), pa.string()),
+                "top_k_classes": pa.array(classes, pa.list_(pa.string())),
+                "top_k_probabilities": pa.array(probabilities, pa.list_(pa.float32())),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
 
 
 def _replica_count(cfg: PredictConfig) -> int:
@@ -356,13 +393,20 @@ def _part_bytes(rows: Any, fmt: str) -> bytes:
     if fmt == "parquet":
         pq.write_table(rows, out)
     else:  # CSV has no lists: "a;b;c"
+
         def joined(values, fmt_value):
-            return pa.array([None if v is None else ";".join(fmt_value(x) for x in v) for v in values.to_pylist()],
-                            pa.string())
-        rows = rows.set_column(rows.schema.get_field_index("top_k_classes"), "top_k_classes",
-                               joined(rows["top_k_classes"], str))
-        rows = rows.set_column(rows.schema.get_field_index("top_k_probabilities"), "top_k_probabilities",
-                               joined(rows["top_k_probabilities"], lambda x: f"{x:.6g}"))
+            return pa.array(
+                [None if v is None else ";".join(fmt_value(x) for x in v) for v in values.to_pylist()], pa.string()
+            )
+
+        rows = rows.set_column(
+            rows.schema.get_field_index("top_k_classes"), "top_k_classes", joined(rows["top_k_classes"], str)
+        )
+        rows = rows.set_column(
+            rows.schema.get_field_index("top_k_probabilities"),
+            "top_k_probabilities",
+            joined(rows["top_k_probabilities"], lambda x: f"{x:.6g}"),
+        )
         pacsv.write_csv(rows, out)
     return out.getvalue().to_pybytes()
 
@@ -375,10 +419,12 @@ def _finish_part(rows: Any, order: list[str], model: dict[str, str]) -> Any:
     position = {uri: i for i, uri in enumerate(order)}
     rows = rows.drop_columns(["part"])
     rows = rows.take(pa.array(sorted(range(rows.num_rows), key=lambda i: position[rows["path"][i].as_py()])))
-    return rows.append_column("top_1", pc.list_element(rows["top_k_classes"], 0)) \
-        .append_column("top_1_probability", pc.list_element(rows["top_k_probabilities"], 0)) \
-        .append_column("model_name", pa.array([model["name"]] * rows.num_rows, pa.string())) \
+    return (
+        rows.append_column("top_1", pc.list_element(rows["top_k_classes"], 0))
+        .append_column("top_1_probability", pc.list_element(rows["top_k_probabilities"], 0))
+        .append_column("model_name", pa.array([model["name"]] * rows.num_rows, pa.string()))
         .append_column("model_version", pa.array([model["version"]] * rows.num_rows, pa.string()))
+    )
 
 
 def predict(model_uri: str, src: str, dest: str, cfg: PredictConfig | None = None) -> dict[str, Any]:
@@ -402,39 +448,61 @@ def predict(model_uri: str, src: str, dest: str, cfg: PredictConfig | None = Non
     model = {"name": meta["name"], "version": meta["version"]}
     uris = list_inputs(src, cfg.extensions)
     if not uris:
-        raise storage.StorageError(f"{src}: no files to score" + (f" with extensions {cfg.extensions}"
-                                                                   if cfg.extensions else ""))
+        raise storage.StorageError(
+            f"{src}: no files to score" + (f" with extensions {cfg.extensions}" if cfg.extensions else "")
+        )
     settings = f"{meta['version']}|{cfg.backend}|{cfg.top_k}|{cfg.max_pixels}"
     parts = plan_outputs(uris, cfg.files_per_output, settings)
     suffix = f".{cfg.format}"
-    done = {posixpath.basename(i.path)[:-len(suffix)] for i in _existing_outputs(dest, suffix)}
+    done = {posixpath.basename(i.path)[: -len(suffix)] for i in _existing_outputs(dest, suffix)}
     todo = {name: part for name, part in parts.items() if name not in done}
-    logger.info("predict: %d files in %d output files (%d already written) with %s version %s", len(uris),
-                len(parts), len(parts) - len(todo), model["name"], model["version"])
+    logger.info(
+        "predict: %d files in %d output files (%d already written) with %s version %s",
+        len(uris),
+        len(parts),
+        len(parts) - len(todo),
+        model["name"],
+        model["version"],
+    )
     timing = None
     if todo:
         ensure_ray()
         timing = _score_parts(model_uri, meta, todo, dest, suffix, model, cfg)
     for info in _existing_outputs(dest, suffix):  # outputs of an earlier SRC listing or model
-        if posixpath.basename(info.path)[:-len(suffix)] not in parts:
+        if posixpath.basename(info.path)[: -len(suffix)] not in parts:
             storage.delete(storage.join(dest, posixpath.basename(info.path)))
     summary = _summarise(dest, parts, suffix, model, model_uri, src, cfg)
     storage.write_json(storage.join(dest, SUMMARY_FILE), summary)
     summary["timing"] = timing  # this run's, not part of the written summary (a re-run that skips all has none)
-    logger.info("predict: scored %d of %d files (%d refused); results in %s", summary["scored"], summary["files"],
-                summary["refused"], dest)
+    logger.info(
+        "predict: scored %d of %d files (%d refused); results in %s",
+        summary["scored"],
+        summary["files"],
+        summary["refused"],
+        dest,
+    )
     return summary
 
 
 def _existing_outputs(dest: str, suffix: str) -> list:
     if not storage.exists(dest):
         return []
-    return [i for i in storage.list_files(dest, recursive=False)
-            if posixpath.basename(i.path).startswith(PART_PREFIX) and i.path.endswith(suffix)]
+    return [
+        i
+        for i in storage.list_files(dest, recursive=False)
+        if posixpath.basename(i.path).startswith(PART_PREFIX) and i.path.endswith(suffix)
+    ]
 
 
-def _score_parts(model_uri: str, meta: dict[str, Any], todo: dict[str, list[str]], dest: str, suffix: str,
-                 model: dict[str, str], cfg: PredictConfig) -> dict[str, float | None]:
+def _score_parts(
+    model_uri: str,
+    meta: dict[str, Any],
+    todo: dict[str, list[str]],
+    dest: str,
+    suffix: str,
+    model: dict[str, str],
+    cfg: PredictConfig,
+) -> dict[str, float | None]:
     """Score the parts of ``todo`` and write each when complete; returns this run's timing (seconds to the first
     result, in all, and the images/s after the first result)."""
     import pyarrow as pa
@@ -446,12 +514,19 @@ def _score_parts(model_uri: str, meta: dict[str, Any], todo: dict[str, list[str]
     ds = ray.data.from_arrow(pa.table({"path": paths, "part": names}))
     blocks = max(1, min(len(paths) // 16, 4 * int(ray.cluster_resources().get("CPU", 1))))
     ds = ds.repartition(blocks).map_batches(
-        read_and_preprocess, fn_kwargs={"data_config": meta["data_config"], "max_pixels": cfg.max_pixels},
-        batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus)
+        read_and_preprocess,
+        fn_kwargs={"data_config": meta["data_config"], "max_pixels": cfg.max_pixels},
+        batch_size=cfg.batch_size,
+        num_cpus=cfg.decode_cpus,
+    )
     ds = ds.map_batches(
-        ScoreImages, fn_constructor_args=(model_uri, cfg.top_k, cfg.backend, cfg.use_gpu),
-        batch_size=cfg.batch_size, num_cpus=cfg.replica_cpus, num_gpus=1 if cfg.use_gpu else 0,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_replicas, max_size=_replica_count(cfg)))
+        ScoreImages,
+        fn_constructor_args=(model_uri, cfg.top_k, cfg.backend, cfg.use_gpu),
+        batch_size=cfg.batch_size,
+        num_cpus=cfg.replica_cpus,
+        num_gpus=1 if cfg.use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_replicas, max_size=_replica_count(cfg)),
+    )
     pending: dict[str, list] = {name: [] for name in todo}
     counts = dict.fromkeys(todo, 0)
     start, first = time.perf_counter(), None
@@ -481,23 +556,39 @@ def _read_part_errors(uri: str, fmt: str) -> list[str | None]:
     data = pa.BufferReader(storage.read_bytes(uri))
     if fmt == "parquet":
         return pq.read_table(data, columns=["error"])["error"].to_pylist()
-    options = pacsv.ConvertOptions(include_columns=["error"], column_types={"error": pa.string()},
-                                   strings_can_be_null=True)
+    options = pacsv.ConvertOptions(
+        include_columns=["error"], column_types={"error": pa.string()}, strings_can_be_null=True
+    )
     return pacsv.read_csv(data, convert_options=options)["error"].to_pylist()
 
 
-def _summarise(dest: str, parts: dict[str, list[str]], suffix: str, model: dict[str, str], model_uri: str, src: str,
-               cfg: PredictConfig) -> dict[str, Any]:
+def _summarise(
+    dest: str,
+    parts: dict[str, list[str]],
+    suffix: str,
+    model: dict[str, str],
+    model_uri: str,
+    src: str,
+    cfg: PredictConfig,
+) -> dict[str, Any]:
     errors = [e for name in parts for e in _read_part_errors(storage.join(dest, name + suffix), cfg.format)]
     refused = [e for e in errors if e is not None]
     reasons: dict[str, int] = {}
     for e in refused:
         reasons[e.split(":", 1)[0]] = reasons.get(e.split(":", 1)[0], 0) + 1
-    return {"source": src, "model": {**model, "uri": model_uri}, "files": len(errors),
-            "scored": len(errors) - len(refused), "refused": len(refused), "refused_by_reason": reasons,
-            "dest": dest, "outputs": sorted(name + suffix for name in parts), "format": cfg.format,
-            "backend": cfg.backend,
-            "top_k": cfg.top_k}
+    return {
+        "source": src,
+        "model": {**model, "uri": model_uri},
+        "files": len(errors),
+        "scored": len(errors) - len(refused),
+        "refused": len(refused),
+        "refused_by_reason": reasons,
+        "dest": dest,
+        "outputs": sorted(name + suffix for name in parts),
+        "format": cfg.format,
+        "backend": cfg.backend,
+        "top_k": cfg.top_k,
+    }
 
 
 def read_predictions(dest: str) -> Any:
@@ -529,14 +620,22 @@ def print_prediction_summary(summary: dict[str, Any], rows: int = 5) -> None:
             table.add_column(column, overflow="fold")
         for row in first.slice(0, rows).to_pylist():
             probability = row["top_1_probability"]
-            table.add_row(str(row["path"]), str(row["top_1"] or ""),
-                          "" if probability is None else f"{probability:.4f}", str(row["error"] or ""))
+            table.add_row(
+                str(row["path"]),
+                str(row["top_1"] or ""),
+                "" if probability is None else f"{probability:.4f}",
+                str(row["error"] or ""),
+            )
         console.print(table)
     model = summary["model"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["refused_by_reason"].items()))
-    console.print(f"scored {summary['scored']} of {summary['files']} files with {model['name']} version "
-                  f"{model['version']}; refused {summary['refused']}" + (f" ({reasons})" if reasons else "")
-                  + f"\nresults: {summary['dest']} ({len(outputs)} {summary['format']} file(s))", soft_wrap=True)
+    console.print(
+        f"scored {summary['scored']} of {summary['files']} files with {model['name']} version "
+        f"{model['version']}; refused {summary['refused']}"
+        + (f" ({reasons})" if reasons else "")
+        + f"\nresults: {summary['dest']} ({len(outputs)} {summary['format']} file(s))",
+        soft_wrap=True,
+    )
 
 
 def read_predictions_part(summary: dict[str, Any], name: str) -> Any:

@@ -61,8 +61,12 @@ def ensure_ray(*, existing_cluster: bool = False) -> None:
         ray.init(address="auto" if existing_cluster else None, runtime_env=runtime_env)
         return
     if address is not None:
-        logger.warning("ignoring %s: it records a Ray cluster at %s, but nothing answers there (a Ray instance "
-                       "that was killed or crashed left it; `ray stop` removes it)", path, address)
+        logger.warning(
+            "ignoring %s: it records a Ray cluster at %s, but nothing answers there (a Ray instance "
+            "that was killed or crashed left it; `ray stop` removes it)",
+            path,
+            address,
+        )
     if existing_cluster:
         stale = f" ({path} names {address}, where nothing answers)" if address else ""
         raise ConnectionError(f"no running Ray cluster to connect to{stale}")

@@ -63,8 +63,9 @@ def _first_time(use: str) -> bool:
         return True
 
 
-def _fall_back(use: str, internal: str, exc: BaseException | None, consequence: str, *,
-               level: int = logging.WARNING) -> None:
+def _fall_back(
+    use: str, internal: str, exc: BaseException | None, consequence: str, *, level: int = logging.WARNING
+) -> None:
     """Log, once per process and ``use``, that a Ray internal is not as cls-ray expects and what it does instead."""
     if not _first_time(use):
         return
@@ -99,8 +100,12 @@ def ray_address_file() -> Path:
         return Path(get_ray_address_file(None))
     except Exception as exc:  # noqa: BLE001 - moved, renamed or re-signed: all mean "use the known rule"
         path = _default_ray_address_file()
-        _fall_back("ray_address_file", "ray._common.utils.get_ray_address_file", exc,
-                   f"looking for the recorded cluster address at {path} (Ray 2.60's location)")
+        _fall_back(
+            "ray_address_file",
+            "ray._common.utils.get_ray_address_file",
+            exc,
+            f"looking for the recorded cluster address at {path} (Ray 2.60's location)",
+        )
         return path
 
 
@@ -113,9 +118,13 @@ def ray_jemalloc_library() -> str | None:
         return library
     # Ray's Linux wheels ship it; elsewhere (macOS) its absence is expected, not a sign of a changed Ray.
     level = logging.WARNING if sys.platform.startswith("linux") else logging.INFO
-    _fall_back("ray_jemalloc_library", f"the jemalloc library of Ray's wheel ({library})", None,
-               "CPU training workers use the system allocator (train.cpu_allocator=system says so explicitly)",
-               level=level)
+    _fall_back(
+        "ray_jemalloc_library",
+        f"the jemalloc library of Ray's wheel ({library})",
+        None,
+        "CPU training workers use the system allocator (train.cpu_allocator=system says so explicitly)",
+        level=level,
+    )
     return None
 
 
@@ -135,8 +144,12 @@ def serve_http_address() -> tuple[str, int] | None:
         http = _get_global_client().http_config
         return str(http.host), int(http.port)
     except Exception as exc:  # noqa: BLE001 - an internal API: any failure means "report what was asked for"
-        _fall_back("serve_http_address", "ray.serve.context._get_global_client().http_config", exc,
-                   "reporting the configured serve.host and serve.port as the served address")
+        _fall_back(
+            "serve_http_address",
+            "ray.serve.context._get_global_client().http_config",
+            exc,
+            "reporting the configured serve.host and serve.port as the served address",
+        )
         return None
 
 
@@ -149,8 +162,12 @@ def execution_callback_base() -> type | None:
     try:
         from ray.data._internal.execution.execution_callback import ExecutionCallback
     except Exception as exc:  # noqa: BLE001 - moved or renamed
-        _fall_back("execution_callback", "ray.data._internal.execution.execution_callback.ExecutionCallback", exc,
-                   "the idle backoff of Ray Data's scheduling loop is off (data.idle_backoff)")
+        _fall_back(
+            "execution_callback",
+            "ray.data._internal.execution.execution_callback.ExecutionCallback",
+            exc,
+            "the idle backoff of Ray Data's scheduling loop is off (data.idle_backoff)",
+        )
         return None
     return ExecutionCallback
 
@@ -159,8 +176,12 @@ def add_execution_callback(context: Any, callback: type) -> bool:
     """Register ``callback`` in a ``DataContext`` (once); ``False`` if the context has no such hook."""
     classes = getattr(context, "custom_execution_callback_classes", None)
     if not isinstance(classes, list):
-        _fall_back("execution_callback_classes", "DataContext.custom_execution_callback_classes", None,
-                   "the idle backoff of Ray Data's scheduling loop is off (data.idle_backoff)")
+        _fall_back(
+            "execution_callback_classes",
+            "DataContext.custom_execution_callback_classes",
+            None,
+            "the idle backoff of Ray Data's scheduling loop is off (data.idle_backoff)",
+        )
         return False
     if callback not in classes:
         classes.append(callback)
@@ -176,8 +197,12 @@ def data_progress(executor: Any) -> tuple[int, ...] | None:
             return ()
         return tuple(int(getattr(op.metrics, name)) for op in topology for name in DATA_PROGRESS_COUNTERS)
     except Exception as exc:  # noqa: BLE001 - a renamed attribute or counter, a changed type
-        _fall_back("data_progress", "Ray Data's StreamingExecutor._topology / operator metrics counters", exc,
-                   "the idle backoff of the scheduling loop turns itself off (data.idle_backoff)")
+        _fall_back(
+            "data_progress",
+            "Ray Data's StreamingExecutor._topology / operator metrics counters",
+            exc,
+            "the idle backoff of the scheduling loop turns itself off (data.idle_backoff)",
+        )
         return None
 
 
@@ -191,6 +216,10 @@ def trial_index(trial: Any) -> int | None:
     try:
         return int(str(trial.experiment_tag).split("_", 1)[0])
     except (AttributeError, ValueError) as exc:
-        _fall_back("trial_index", "the '{n}_{params}' format of Tune's Trial.experiment_tag", exc,
-                   "trials are named after their trial_id instead of a number")
+        _fall_back(
+            "trial_index",
+            "the '{n}_{params}' format of Tune's Trial.experiment_tag",
+            exc,
+            "trials are named after their trial_id instead of a number",
+        )
         return None

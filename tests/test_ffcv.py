@@ -26,10 +26,23 @@ from cls_ray.train.trainer import train
 
 pytestmark = pytest.mark.ray
 
-FFCV_TRAIN = ["data.format=ffcv", "model.name=resnet10t", "model.image_size=32", "model.crop_pct=1.0",
-              "data.batch_size=32", "data.auto_augment=null", "data.color_jitter=0", "data.hflip=0",
-              "data.re_prob=0", "data.scale=[0.6,1.0]", "data.eval_batch_size=128", "data.decode_cpus=0.5",
-              "data.decode_concurrency=1", "optim.lr=0.003", "optim.warmup_epochs=0"]
+FFCV_TRAIN = [
+    "data.format=ffcv",
+    "model.name=resnet10t",
+    "model.image_size=32",
+    "model.crop_pct=1.0",
+    "data.batch_size=32",
+    "data.auto_augment=null",
+    "data.color_jitter=0",
+    "data.hflip=0",
+    "data.re_prob=0",
+    "data.scale=[0.6,1.0]",
+    "data.eval_batch_size=128",
+    "data.decode_cpus=0.5",
+    "data.decode_concurrency=1",
+    "optim.lr=0.003",
+    "optim.warmup_epochs=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +63,14 @@ def _read_beton(path: str) -> tuple[np.ndarray, np.ndarray]:
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
-    loader = Loader(path, batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder(), ToTensor()]})
+    loader = Loader(
+        path,
+        batch_size=64,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder(), ToTensor()]},
+    )
     images, labels = [], []
     for image, label in loader:
         images.append(np.array(image))
@@ -113,8 +132,17 @@ def test_ingest_adds_betons_to_a_dataset_without_them_and_jpeg_mode(folders, tmp
 def test_ddp_training_reads_the_beton_from_s3_and_evaluate_reproduces(ray_cluster, folders, s3_bucket, tmp_path):
     dest = f"{s3_bucket}/digits"
     ingest(str(folders), dest, IngestConfig(ffcv=True), summary=False)
-    cfg = load_config(None, [*FFCV_TRAIN, f"train.storage_path={tmp_path / 'runs'}", "train.run_name=ffcv",
-                             "train.epochs=4", "train.num_workers=2", "train.keep_checkpoints=1"])
+    cfg = load_config(
+        None,
+        [
+            *FFCV_TRAIN,
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.run_name=ffcv",
+            "train.epochs=4",
+            "train.num_workers=2",
+            "train.keep_checkpoints=1",
+        ],
+    )
     result = train(dest, cfg)
 
     assert result.metrics["val_top1"] > 0.6  # 10 classes: chance is 0.1

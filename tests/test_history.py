@@ -36,11 +36,17 @@ def _dir_bytes(path: Path) -> int:
 
 
 def test_checkpoints_stay_constant_and_history_bytes_grow_linearly_at_1000_classes(tmp_path):
-    cfg = load_config(None, ["model.name=resnet10t", "model.image_size=32", "optim.warmup_epochs=0",
-                             f"train.epochs={EPOCHS}"])
+    cfg = load_config(
+        None, ["model.name=resnet10t", "model.image_size=32", "optim.warmup_epochs=0", f"train.epochs={EPOCHS}"]
+    )
     classes = [f"c{i}" for i in range(NUM_CLASSES)]
-    spec = RunSpec(classes=classes, class_counts=[1] * NUM_CLASSES, data_config=data_config_for(cfg.model),
-                   run_uri=str(tmp_path / "run"), updates_per_epoch=1)
+    spec = RunSpec(
+        classes=classes,
+        class_counts=[1] * NUM_CLASSES,
+        data_config=data_config_for(cfg.model),
+        run_uri=str(tmp_path / "run"),
+        updates_per_epoch=1,
+    )
     w = build_worker(cfg, spec, torch.device("cpu"))
     scalars, details = _evaluation(0)
     progress = Progress()
@@ -48,8 +54,15 @@ def test_checkpoints_stay_constant_and_history_bytes_grow_linearly_at_1000_class
     checkpoint_sizes: dict[int, tuple[int, int]] = {}
     for epoch in range(1, EPOCHS + 1):
         progress.epoch, progress.num_updates, progress.last_eval = epoch, epoch, scalars
-        metrics = {"epoch": epoch, "train_loss": 1.0 / epoch, "img_per_s": 100.0, "data_wait_frac": 0.1,
-                   "epoch_time_s": 1.0, "lr": 1e-3, **scalars}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": 1.0 / epoch,
+            "img_per_s": 100.0,
+            "data_wait_frac": 0.1,
+            "epoch_time_s": 1.0,
+            "lr": 1e-3,
+            **scalars,
+        }
         evaluated = epoch % 2 == 0
         before = _dir_bytes(Path(spec.run_uri)) if Path(spec.run_uri).exists() else 0
         end_epoch(spec.run_uri, progress, metrics, details if evaluated else None)
@@ -97,5 +110,6 @@ def test_a_resumed_run_replaces_only_the_epochs_after_its_checkpoint(tmp_path):
     history = read_history(run)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert [r["resumed_from"] for r in history] == [None, None, None, 3, 3, 3]
-    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / HISTORY_DIR).iterdir()
-            if p.name < "epoch-000004"} == kept  # records before the checkpoint were never rewritten
+    assert {
+        p.name: p.read_bytes() for p in (tmp_path / "run" / HISTORY_DIR).iterdir() if p.name < "epoch-000004"
+    } == kept  # records before the checkpoint were never rewritten

@@ -82,7 +82,7 @@ def test_digits_counts_stratification_and_labels(digits_folders, digits_dataset)
         assert abs(len(rows[split]) / total - {"train": 0.7, "val": 0.15, "test": 0.15}[split]) < 0.01
     seen_paths = set()
     for split_rows in rows.values():
-        for row in split_rows[:: 7]:
+        for row in split_rows[::7]:
             folder = row["path"].split("/")[0]
             assert manifest["classes"][row["label"]] == folder
             img, fmt = decode_image(row["image"], 10**6)
@@ -91,8 +91,13 @@ def test_digits_counts_stratification_and_labels(digits_folders, digits_dataset)
         seen_paths |= {r["path"] for r in split_rows}
     assert len(seen_paths) == total  # no image in two splits
     assert manifest["encoding"]["kept_original"] == 1797 and manifest["skipped"] == []
-    assert manifest["split"] == {"seed": 0, "fractions": {"train": 0.7, "val": 0.15, "test": 0.15},
-                                 "presplit": False, "presplit_given": [], "carved": []}
+    assert manifest["split"] == {
+        "seed": 0,
+        "fractions": {"train": 0.7, "val": 0.15, "test": 0.15},
+        "presplit": False,
+        "presplit_given": [],
+        "carved": [],
+    }
 
 
 def test_same_seed_same_bytes_other_seed_other_split(small_digits, tmp_path):
@@ -193,7 +198,8 @@ def test_pillow_images_and_odd_files(small_digits, tmp_path):
     assert len(kept) > 500  # the decodable majority of Pillow's files is kept
     assert manifest["counts"]["files"] == n_files
     assert manifest["counts"]["files"] == len(kept) + manifest["counts"]["duplicates_dropped"] + sum(
-        1 for s in manifest["skipped"] if s["reason"] not in _NOT_READ)
+        1 for s in manifest["skipped"] if s["reason"] not in _NOT_READ
+    )
     by_path = {r["path"]: r for r in kept}
     for name in ("hopper_orientation_6.jpg", "16bit.cropped.tif", "hopper_gray.jpg", "rgba.png", "cmyk.jpg"):
         matches = [p for p in by_path if p.endswith("/" + name)]
@@ -218,8 +224,11 @@ def test_exif_rotation_and_alpha_are_baked_in(tmp_path):
     rot = validate_file(str(src / "a" / "rot.jpg"), opts)
     assert rot["encoding"] == "jpeg" and (rot["width"], rot["height"]) == (20, 40)
     clear = validate_file(str(src / "b" / "clear.png"), opts)
-    assert clear["encoding"] == "png" and Image.open(io.BytesIO(clear["image"])).convert("RGB").getpixel((5, 5)) \
-        == (255, 255, 255)
+    assert clear["encoding"] == "png" and Image.open(io.BytesIO(clear["image"])).convert("RGB").getpixel((5, 5)) == (
+        255,
+        255,
+        255,
+    )
     big = validate_file(str(src / "b" / "big.png"), opts)
     assert big["resized"] and (big["width"], big["height"]) == (512, 171) and big["encoding"] == "png"
     cmyk = validate_file(str(src / "a" / "cmyk.jpg"), opts)
@@ -284,8 +293,9 @@ def _only_classes(tmp_path: Path, small_digits: Path, *names: str) -> Path:
     return src
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "single_class", "class_without_valid_image",
-                                  "dest_not_writable", "dest_foreign"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "single_class", "class_without_valid_image", "dest_not_writable", "dest_foreign"]
+)
 def test_bad_local_input(case, small_digits, tmp_path):
     src, dest = tmp_path / "src", tmp_path / "ds"
     if case == "missing":
@@ -378,15 +388,23 @@ def test_rerun_is_noop_overwrite_rewrites_incomplete_is_cleaned(small_digits, tm
 
 
 def test_cli_ingest_success_and_error(small_digits, tmp_path):
-    cli = [str(REPO / ".venv" / "bin" / "cls-ray")] if (REPO / ".venv" / "bin" / "cls-ray").exists() else [
-        sys.executable, "-m", "cls_ray.cli"]
-    ok = subprocess.run([*cli, "ingest", str(small_digits), str(tmp_path / "ds"), "--set", "ingest.seed=3"],
-                        capture_output=True, text=True, timeout=300)
+    cli = (
+        [str(REPO / ".venv" / "bin" / "cls-ray")]
+        if (REPO / ".venv" / "bin" / "cls-ray").exists()
+        else [sys.executable, "-m", "cls_ray.cli"]
+    )
+    ok = subprocess.run(
+        [*cli, "ingest", str(small_digits), str(tmp_path / "ds"), "--set", "ingest.seed=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "dataset: 10 classes" in ok.stdout and "imbalance ratio" in ok.stdout
     assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["split"]["seed"] == 3
-    bad = subprocess.run([*cli, "ingest", str(tmp_path / "nope"), str(tmp_path / "ds2")], capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        [*cli, "ingest", str(tmp_path / "nope"), str(tmp_path / "ds2")], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 1
     assert "does not exist" in bad.stderr and str(tmp_path / "nope") in bad.stderr
     assert not (tmp_path / "ds2" / "manifest.json").exists()

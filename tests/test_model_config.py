@@ -50,8 +50,11 @@ def test_hub_tag_of_the_same_architecture_loads():
 
 
 def test_unknown_hub_tag_is_a_config_error_listing_the_known_tags():
-    with pytest.raises(ConfigError, match=r"model\.pretrained: timm has no pretrained weights 'resnet18\.nope'.*"
-                                          r"resnet18\.a1_in1k"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.pretrained: timm has no pretrained weights 'resnet18\.nope'.*"
+        r"resnet18\.a1_in1k",
+    ):
         load_config(None, ["model.name=resnet18", "model.pretrained=resnet18.nope", "model.mode=finetune"])
 
 
@@ -123,9 +126,19 @@ def _put_hub_repo(cache: Path, repo: str, architecture: str, model: torch.nn.Mod
     snapshot.mkdir(parents=True)
     (folder / "refs").mkdir()
     (folder / "refs" / "main").write_text(commit)
-    config = {"architecture": architecture, "num_classes": model.num_classes, "pretrained_cfg": {
-        "input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.95, "mean": mean,
-        "std": [0.5, 0.5, 0.5], "first_conv": "conv1", "classifier": "fc"}}
+    config = {
+        "architecture": architecture,
+        "num_classes": model.num_classes,
+        "pretrained_cfg": {
+            "input_size": [3, 224, 224],
+            "interpolation": "bilinear",
+            "crop_pct": 0.95,
+            "mean": mean,
+            "std": [0.5, 0.5, 0.5],
+            "first_conv": "conv1",
+            "classifier": "fc",
+        },
+    }
     (snapshot / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "model.safetensors"))
 

@@ -17,8 +17,12 @@ from cls_ray.package import PackageError, load_model_package, package_name, read
 
 
 def _meta(model: torch.nn.Module, **extra) -> dict:
-    return {"architecture": "resnet10t", "classes": ["a", "b", "c"], "data_config": model_data_config(model, 32),
-            **extra}
+    return {
+        "architecture": "resnet10t",
+        "classes": ["a", "b", "c"],
+        "data_config": model_data_config(model, 32),
+        **extra,
+    }
 
 
 def _model(seed: int) -> torch.nn.Module:

@@ -21,11 +21,21 @@ from cls_ray.package import read_package_meta
 REPO = Path(__file__).resolve().parents[1]
 
 PIPELINE = {
-    "pipeline": {"stages": ["ingest", "tune", "train", "evaluate", "export", "predict", "serve"],
-                 "tune_subset_per_class": 12, "serve_samples": 4},
+    "pipeline": {
+        "stages": ["ingest", "tune", "train", "evaluate", "export", "predict", "serve"],
+        "tune_subset_per_class": 12,
+        "serve_samples": 4,
+    },
     "model": {"name": "resnet10t", "image_size": 32, "crop_pct": 1.0},
-    "data": {"batch_size": 32, "eval_batch_size": 128, "auto_augment": None, "re_prob": 0.0, "hflip": 0.0,
-             "scale": [0.6, 1.0], "label_smoothing": 0.0},
+    "data": {
+        "batch_size": 32,
+        "eval_batch_size": 128,
+        "auto_augment": None,
+        "re_prob": 0.0,
+        "hflip": 0.0,
+        "scale": [0.6, 1.0],
+        "label_smoothing": 0.0,
+    },
     "optim": {"lr": 0.01, "warmup_epochs": 0},
     "train": {"epochs": 3, "num_workers": 1, "max_failures": 0, "keep_checkpoints": 1},
     "tune": {"num_samples": 2, "max_epochs": 1, "grace_period": 1, "evaluate_test": False},
@@ -50,16 +60,27 @@ def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
     workdir = tmp_path / "work"
     port = free_port()
     # Relative paths, as a user types them: trials and replicas run in other directories than the command.
-    config = {**PIPELINE, "source": str(source.relative_to(tmp_path)), "workdir": "work",
-              "pipeline": {**PIPELINE["pipeline"], "predict_source": str((source / "digit_3").relative_to(tmp_path))},
-              "tune": {**PIPELINE["tune"], "space": space.name}, "serve": {"port": port, "max_replicas": 1}}
+    config = {
+        **PIPELINE,
+        "source": str(source.relative_to(tmp_path)),
+        "workdir": "work",
+        "pipeline": {**PIPELINE["pipeline"], "predict_source": str((source / "digit_3").relative_to(tmp_path))},
+        "tune": {**PIPELINE["tune"], "space": space.name},
+        "serve": {"port": port, "max_replicas": 1},
+    }
     config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "cls_ray.cli", "pipeline", "--config", str(config_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cls_ray.cli", "pipeline", "--config", str(config_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=2300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     # Every stage left its output under the workdir.
@@ -125,8 +146,12 @@ def test_demo_config_names_its_search_space():
 def test_pipeline_without_source_is_refused_before_any_work(tmp_path):
     config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "pipeline": {"stages": ["ingest"]}}))
-    proc = subprocess.run([sys.executable, "-m", "cls_ray.cli", "pipeline", "--config", str(config_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cls_ray.cli", "pipeline", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "source" in proc.stderr
     assert not (tmp_path / "work" / "dataset").exists()

@@ -44,12 +44,16 @@ def image_tree(tmp_path_factory, trained_package) -> Path:
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
-def test_every_file_gets_one_row_with_the_serving_probabilities(ray_cluster, trained_package, image_tree, tmp_path,
-                                                                 monkeypatch):
+def test_every_file_gets_one_row_with_the_serving_probabilities(
+    ray_cluster, trained_package, image_tree, tmp_path, monkeypatch
+):
     package = str(trained_package["package"])
     missing = str(image_tree / "new" / "deleted-after-listing.png")  # listed, then gone before it is read
     listed = predict_mod.list_inputs
@@ -92,16 +96,32 @@ def test_every_file_gets_one_row_with_the_serving_probabilities(ray_cluster, tra
         assert p.exists() and (p == parts[1] or p.stat().st_mtime_ns == stamps[p.name])
     rerun = read_predictions(str(dest))
     assert rerun.drop_columns(["top_k_probabilities", "top_1_probability"]).equals(
-        table.drop_columns(["top_k_probabilities", "top_1_probability"]))
-    assert np.allclose(rerun["top_1_probability"].to_numpy(zero_copy_only=False).astype(float),
-                       table["top_1_probability"].to_numpy(zero_copy_only=False).astype(float),
-                       atol=1e-5, equal_nan=True)  # float rounding differs with the batch a file was scored in
+        table.drop_columns(["top_k_probabilities", "top_1_probability"])
+    )
+    assert np.allclose(
+        rerun["top_1_probability"].to_numpy(zero_copy_only=False).astype(float),
+        table["top_1_probability"].to_numpy(zero_copy_only=False).astype(float),
+        atol=1e-5,
+        equal_nan=True,
+    )  # float rounding differs with the batch a file was scored in
 
 
 def test_cli_writes_csv_and_a_changed_model_rescores(ray_cluster, trained_package, image_tree, tmp_path, capsys):
     dest = tmp_path / "csv"
-    code = cli_main(["predict", str(trained_package["package"]), str(image_tree / "new"), str(dest),
-                     "--set", "predict.format=csv", "--set", "predict.top_k=2", "--show", "3"])
+    code = cli_main(
+        [
+            "predict",
+            str(trained_package["package"]),
+            str(image_tree / "new"),
+            str(dest),
+            "--set",
+            "predict.format=csv",
+            "--set",
+            "predict.top_k=2",
+            "--show",
+            "3",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "scored 60 of 61 files" in out and "not_an_image 1" in out
@@ -110,8 +130,21 @@ def test_cli_writes_csv_and_a_changed_model_rescores(ray_cluster, trained_packag
     assert header.split(",")[:5] == ['"path"', '"top_k_classes"', '"top_k_probabilities"', '"error"', '"top_1"']
     assert len(lines) == 61 and all(len(line.split(",")[1].split(";")) in (1, 2) for line in lines)
     # Settings that change the answers (here top-k) name new output files; the old ones are removed.
-    assert cli_main(["predict", str(trained_package["package"]), str(image_tree / "new"), str(dest),
-                     "--set", "predict.format=csv", "--set", "predict.top_k=3"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                str(trained_package["package"]),
+                str(image_tree / "new"),
+                str(dest),
+                "--set",
+                "predict.format=csv",
+                "--set",
+                "predict.top_k=3",
+            ]
+        )
+        == 0
+    )
     (new_part,) = [p for p in dest.iterdir() if p.name.startswith("part-")]
     assert new_part.name != part.name
 

@@ -67,8 +67,13 @@ def test_a_stale_address_is_reported_and_a_local_instance_started(ray_tmpdir):
         "ray.shutdown()\n"
     )
     # ray.init() itself would retry the dead address for minutes: the timeout is what would fail here.
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RAY_TMPDIR": str(ray_tmpdir)},
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "RAY_TMPDIR": str(ray_tmpdir)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"records a Ray cluster at {dead}, but nothing answers there" in proc.stderr
     gcs = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS "))

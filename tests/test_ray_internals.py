@@ -31,8 +31,9 @@ def fresh_warnings(monkeypatch, caplog) -> None:
 
 def fallback_warnings(caplog) -> list[str]:
     """The warnings :mod:`cls_ray.ray_internals` logged."""
-    return [r.getMessage() for r in caplog.records
-            if r.name == "cls_ray.ray_internals" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "cls_ray.ray_internals" and r.levelno == logging.WARNING
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,8 +151,13 @@ def test_only_the_train_package_imports_ray_train():
     assert outside == []
 
 
-PRIVATE_ATTRIBUTES = {"_topology", "_resolve_execution_options", "_get_global_client", "__serve_build_asgi_app__",
-                      "experiment_tag"}
+PRIVATE_ATTRIBUTES = {
+    "_topology",
+    "_resolve_execution_options",
+    "_get_global_client",
+    "__serve_build_asgi_app__",
+    "experiment_tag",
+}
 """Private Ray attributes and hooks cls-ray used before they moved into ray_internals (or were replaced by public
 API), reached without a private import."""
 
@@ -170,8 +176,12 @@ def test_private_ray_apis_are_used_only_in_ray_internals():
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: def {node.name}")
             elif isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRIBUTES:
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: .{node.attr}")
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ray" \
-                    and node.attr.startswith("_"):
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "ray"
+                and node.attr.startswith("_")
+            ):
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: ray.{node.attr}")
     assert found == []
 
@@ -344,8 +354,11 @@ def _run_backpressured(probe: type) -> int:
 
     ds = ray.data.range(3000, override_num_blocks=12)
     ray_internals.add_execution_callback(ds.context, probe)
-    ds = ds.map_batches(lambda b: {"x": np.zeros((len(b["id"]), 64), np.uint8)}, batch_size=None,
-                        compute=ray.data.TaskPoolStrategy(size=1))
+    ds = ds.map_batches(
+        lambda b: {"x": np.zeros((len(b["id"]), 64), np.uint8)},
+        batch_size=None,
+        compute=ray.data.TaskPoolStrategy(size=1),
+    )
     rows = 0
     for batch in ds.iter_batches(batch_size=250, prefetch_batches=1):
         time.sleep(0.02)  # a slow consumer: the map stage is backpressured, the loop idles

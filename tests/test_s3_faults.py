@@ -36,8 +36,14 @@ class TcpProxy:
     """A loopback TCP proxy in front of the S3 server: ``delay_s`` before each forwarded chunk (both ways); the
     first ``resets`` connections that carry more than ``reset_after`` bytes of answers are reset (RST) there."""
 
-    def __init__(self, upstream_port: int, delay_s: float = 0.0, max_resets: int = 0, reset_after: int = 16384,
-                 chunk: int = 16384):
+    def __init__(
+        self,
+        upstream_port: int,
+        delay_s: float = 0.0,
+        max_resets: int = 0,
+        reset_after: int = 16384,
+        chunk: int = 16384,
+    ):
         self.upstream_port, self.delay_s, self.chunk = upstream_port, delay_s, chunk
         self.max_resets, self.reset_after = max_resets, reset_after
         self.connections = self.resets = 0
@@ -147,8 +153,14 @@ INGEST_SMALL_SHARDS = ["--set", "ingest.shard_size_mb=1"]  # many shards: the ki
 
 
 def _cli(args: list[str], env: dict[str, str], timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cls_ray.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cls_ray.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -162,8 +174,13 @@ def test_server_killed_during_ingest_fails_naming_the_uri_and_a_rerun_completes(
     proxy = TcpProxy(int(faulty_s3.endpoint.rsplit(":", 1)[1]), delay_s=0.015)
     env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "CLS_RAY_S3_MAX_ATTEMPTS": "3"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cls_ray.cli", "ingest", str(noise_folders), dest,
-                             *INGEST_SMALL_SHARDS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cls_ray.cli", "ingest", str(noise_folders), dest, *INGEST_SMALL_SHARDS],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not _objects(faulty_s3, "ingest-killed", "ds/train/"):
@@ -188,22 +205,33 @@ def test_server_killed_during_ingest_fails_naming_the_uri_and_a_rerun_completes(
     assert len(uninterrupted["splits"]["train"]["shards"]) > 3
     assert read_manifest(dest) == uninterrupted
     assert sorted(k.removeprefix("ds/") for k in _objects(faulty_s3, "ingest-killed", "ds/")) == sorted(
-        k.removeprefix("clean/") for k in _objects(faulty_s3, "ingest-killed", "clean/"))  # no leftovers
+        k.removeprefix("clean/") for k in _objects(faulty_s3, "ingest-killed", "clean/")
+    )  # no leftovers
 
 
-def test_wrong_secret_missing_bucket_and_refused_endpoint_fail_before_any_work(faulty_s3, noise_folders, tmp_path,
-                                                                                monkeypatch):
+def test_wrong_secret_missing_bucket_and_refused_endpoint_fail_before_any_work(
+    faulty_s3, noise_folders, tmp_path, monkeypatch
+):
     from cls_ray.config import load_config
     from cls_ray.train.trainer import train
 
     bucket = _bucket(faulty_s3, "early-checks")
     cases = {
-        "wrong secret": ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, f"{bucket}/ds",
-                         ["'early-checks'", "check the AWS credentials", "AWS_SECRET_ACCESS_KEY"]),
-        "missing bucket": ({}, "s3://no-such-bucket-here/ds",
-                           ["the bucket does not exist", "'no-such-bucket-here'", "AWS_ENDPOINT_URL"]),
-        "refused endpoint": ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, f"{bucket}/ds",
-                             ["is the S3 endpoint reachable", "'early-checks'", "AWS_ENDPOINT_URL"]),
+        "wrong secret": (
+            {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+            f"{bucket}/ds",
+            ["'early-checks'", "check the AWS credentials", "AWS_SECRET_ACCESS_KEY"],
+        ),
+        "missing bucket": (
+            {},
+            "s3://no-such-bucket-here/ds",
+            ["the bucket does not exist", "'no-such-bucket-here'", "AWS_ENDPOINT_URL"],
+        ),
+        "refused endpoint": (
+            {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+            f"{bucket}/ds",
+            ["is the S3 endpoint reachable", "'early-checks'", "AWS_ENDPOINT_URL"],
+        ),
     }
     for name, (env, dest, expected) in cases.items():
         with monkeypatch.context() as m:
@@ -211,8 +239,12 @@ def test_wrong_secret_missing_bucket_and_refused_endpoint_fail_before_any_work(f
                 m.setenv(k, v)
             for what, call in (
                 ("ingest", lambda d=dest: ingest(str(noise_folders), d, IngestConfig(), summary=False)),
-                ("train", lambda d=dest: train(str(tmp_path / "no-data-needed"),
-                                               load_config(None, [f"train.storage_path={d}"]))),
+                (
+                    "train",
+                    lambda d=dest: train(
+                        str(tmp_path / "no-data-needed"), load_config(None, [f"train.storage_path={d}"])
+                    ),
+                ),
             ):
                 started = time.monotonic()
                 with pytest.raises((OSError, ValueError)) as info:
@@ -249,8 +281,15 @@ def test_reads_through_a_slow_resetting_connection_retry_and_finish(faulty_s3, n
             proxy.close()
         assert proxied == direct
         mb = sum(len(b) for t in direct for b in t) / 2**20
-        logger.warning("read %.1f MB: %.1f MB/s direct, %.1f MB/s through the proxy (delay %.3f s per 16 KB, %d of "
-                       "%d connections reset)", mb, mb / direct_s, mb / proxied_s, proxy.delay_s, proxy.resets,
-                       proxy.connections)
+        logger.warning(
+            "read %.1f MB: %.1f MB/s direct, %.1f MB/s through the proxy (delay %.3f s per 16 KB, %d of "
+            "%d connections reset)",
+            mb,
+            mb / direct_s,
+            mb / proxied_s,
+            proxy.delay_s,
+            proxy.resets,
+            proxy.connections,
+        )
         assert proxied_s > direct_s  # the drop is there to see, not hidden
         assert proxy.resets == proxy.max_resets  # each reset read was retried on a new connection

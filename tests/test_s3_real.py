@@ -38,16 +38,44 @@ class Gateway:
         port, metrics = free_ports(2)
         self.endpoint = f"http://127.0.0.1:{port}"
         meta = f"sqlite3://{root / 'meta.db'}"
-        subprocess.run([str(JUICEFS), "format", meta, "clsray", "--bucket", str(root / "blocks"), "--trash-days",
-                        "0", "--no-update"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                str(JUICEFS),
+                "format",
+                meta,
+                "clsray",
+                "--bucket",
+                str(root / "blocks"),
+                "--trash-days",
+                "0",
+                "--no-update",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         env = {**os.environ, "MINIO_ROOT_USER": GATEWAY_USER, "MINIO_ROOT_PASSWORD": GATEWAY_PASSWORD}
         self.log = root / "gateway.out"
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
-                [str(JUICEFS), "gateway", meta, f"127.0.0.1:{port}", "--multi-buckets", "--no-banner",
-                 "--no-bgjob", "--no-usage-report", f"--log={root / 'gateway.log'}",
-                 f"--cache-dir={root / 'cache'}", f"--metrics=127.0.0.1:{metrics}"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    str(JUICEFS),
+                    "gateway",
+                    meta,
+                    f"127.0.0.1:{port}",
+                    "--multi-buckets",
+                    "--no-banner",
+                    "--no-bgjob",
+                    "--no-usage-report",
+                    f"--log={root / 'gateway.log'}",
+                    f"--cache-dir={root / 'cache'}",
+                    f"--metrics=127.0.0.1:{metrics}",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._wait()
 
     def _wait(self, timeout_s: float = 60) -> None:
@@ -65,10 +93,18 @@ class Gateway:
 
     def env(self) -> dict[str, str]:
         """A new user's environment for this store: endpoint and keys set, nothing else (no checksum choice)."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in storage.CHECKSUM_VARIABLES and not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-        return {**env, "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": GATEWAY_USER,
-                "AWS_SECRET_ACCESS_KEY": GATEWAY_PASSWORD, "AWS_REGION": "us-east-1"}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in storage.CHECKSUM_VARIABLES and not k.startswith("AWS_") and k != "RAY_ADDRESS"
+        }
+        return {
+            **env,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": GATEWAY_USER,
+            "AWS_SECRET_ACCESS_KEY": GATEWAY_PASSWORD,
+            "AWS_REGION": "us-east-1",
+        }
 
     def stop(self) -> None:
         self.process.terminate()
@@ -91,21 +127,32 @@ def gateway():
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cls_ray.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cls_ray.cli", *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_minio_gateway_refuses_aws_chunked_uploads_and_cls_ray_ingest_works_there(gateway, tmp_path, monkeypatch):
     import boto3
 
     env = gateway.env()
-    boto3.client("s3", endpoint_url=gateway.endpoint, aws_access_key_id=GATEWAY_USER,
-                 aws_secret_access_key=GATEWAY_PASSWORD, region_name="us-east-1").create_bucket(Bucket="datasets")
+    boto3.client(
+        "s3",
+        endpoint_url=gateway.endpoint,
+        aws_access_key_id=GATEWAY_USER,
+        aws_secret_access_key=GATEWAY_PASSWORD,
+        region_name="us-east-1",
+    ).create_bucket(Bucket="datasets")
     # The server really refuses what the SDK sends by default: a plain pyarrow multipart upload, SDK defaults.
     for key in storage.CHECKSUM_VARIABLES:
         monkeypatch.delenv(key, raising=False)
-    raw = pafs.S3FileSystem(endpoint_override=gateway.endpoint.removeprefix("http://"), scheme="http",
-                            access_key=GATEWAY_USER, secret_key=GATEWAY_PASSWORD, region="us-east-1")
+    raw = pafs.S3FileSystem(
+        endpoint_override=gateway.endpoint.removeprefix("http://"),
+        scheme="http",
+        access_key=GATEWAY_USER,
+        secret_key=GATEWAY_PASSWORD,
+        region="us-east-1",
+    )
     with pytest.raises(OSError, match="MissingContentLength"):
         with raw.open_output_stream("datasets/raw.bin") as f:
             f.write(os.urandom(12 * 1024 * 1024))
@@ -113,8 +160,13 @@ def test_minio_gateway_refuses_aws_chunked_uploads_and_cls_ray_ingest_works_ther
     folders = write_digits_folders(tmp_path / "digits", per_class=6)
     done = _cli(["ingest", str(folders), "s3://datasets/digits"], env)  # what a new user types
     assert done.returncode == 0, done.stderr[-3000:]
-    fs = pafs.S3FileSystem(endpoint_override=gateway.endpoint.removeprefix("http://"), scheme="http",
-                           access_key=GATEWAY_USER, secret_key=GATEWAY_PASSWORD, region="us-east-1")
+    fs = pafs.S3FileSystem(
+        endpoint_override=gateway.endpoint.removeprefix("http://"),
+        scheme="http",
+        access_key=GATEWAY_USER,
+        secret_key=GATEWAY_PASSWORD,
+        region="us-east-1",
+    )
     assert fs.get_file_info("datasets/digits/manifest.json").type == pafs.FileType.File
     shards = fs.get_file_info(pafs.FileSelector("datasets/digits/train"))
     assert shards and sum(pq.read_metadata(s.path, filesystem=fs).num_rows for s in shards) > 0
@@ -169,8 +221,12 @@ def test_objects_over_16mb_are_multipart_uploads_and_read_back(s3_bucket, tmp_pa
 
     # A dataset shard over 16 MB: ingest to S3, then every image read back equals its source file.
     folders = _noise_pngs(tmp_path / "noise", per_class=20, side=512)
-    manifest = ingest(str(folders), f"{s3_bucket}/ds", IngestConfig(shard_size_mb=64, val_fraction=0.1,
-                                                                      test_fraction=0.1), summary=False)
+    manifest = ingest(
+        str(folders),
+        f"{s3_bucket}/ds",
+        IngestConfig(shard_size_mb=64, val_fraction=0.1, test_fraction=0.1),
+        summary=False,
+    )
     fs, root = storage.resolve(f"{s3_bucket}/ds")
     (shard,) = manifest["splits"]["train"]["shards"]
     size = fs.get_file_info(f"{root}/{shard['path']}").size

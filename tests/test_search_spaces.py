@@ -231,4 +231,3 @@ def test_each_architecture_is_tried_first_when_the_budget_covers_them():
         assert 1.0e-3 <= values["optim.lr"] <= 3.0e-2
         searcher.on_trial_complete(f"t{i}", {cfg.train.metric: 0.5 + i / 10})
     assert archs[:2] == ["resnet10t", "mobilenetv3_small_050"]
-

@@ -8,8 +8,8 @@ API key required, one model replica) and ``scale`` (local package, deployed from
 from __future__ import annotations
 
 import base64
-import hashlib
 import concurrent.futures as cf
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -25,8 +25,8 @@ from conftest import PILLOW_IMAGES, free_port, write_digits_folders
 from cls_ray import storage
 from cls_ray.config import ConfigError, ServeConfig
 from cls_ray.data.transforms import create_eval_transform, normalize
-from cls_ray.package import save_model_package
 from cls_ray.models import model_data_config
+from cls_ray.package import save_model_package
 from cls_ray.predict import predict_files
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -64,8 +64,9 @@ def _train(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, steps:
     model.eval()
 
 
-def make_digits_package(uri: str, root: Path, n_images: int = 20, train_steps: int = 0,
-                        device: str = "cpu") -> list[Path]:
+def make_digits_package(
+    uri: str, root: Path, n_images: int = 20, train_steps: int = 0, device: str = "cpu"
+) -> list[Path]:
     """A real resnet10t package for the 10 digits at 32 px, with ``n_images`` held-out digit PNGs (all classes).
 
     By default the convolutions stay random and only the classifier head is fitted (ridge regression on 200
@@ -89,8 +90,13 @@ def make_digits_package(uri: str, root: Path, n_images: int = 20, train_steps: i
         _train(model, x, labels, train_steps)
     else:
         _fit_head(model, x, labels)
-    meta = {"architecture": "resnet10t", "classes": [f"digit_{i}" for i in range(10)], "data_config": data_config,
-            "name": MODEL_NAME, "metrics": {"val_top1": 0.5}}
+    meta = {
+        "architecture": "resnet10t",
+        "classes": [f"digit_{i}" for i in range(10)],
+        "data_config": data_config,
+        "name": MODEL_NAME,
+        "metrics": {"val_top1": 0.5},
+    }
     save_model_package(uri, model, meta)
     return held_out
 
@@ -99,8 +105,11 @@ def make_digits_package(uri: str, root: Path, n_images: int = 20, train_steps: i
 def env_for_cluster(s3_server):
     """Everything Ray's processes must inherit, set before ``ray.init``: AWS_* (s3_server), the API key, and
     fast autoscaling metric pushes."""
-    extra = {API_KEY_ENV: API_KEY, "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-             "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+    extra = {
+        API_KEY_ENV: API_KEY,
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    }
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     yield s3_server
@@ -132,8 +141,14 @@ def dashboard(packages):
     """This module's own Ray instance (with a dashboard: the state API needs it); yields the dashboard URL."""
     import ray
 
-    context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=free_port(), object_store_memory=400 * 1024**2)
+    context = ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        object_store_memory=400 * 1024**2,
+    )
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
 
@@ -152,10 +167,22 @@ def serve_port(dashboard):
 def main_url(serve_port, packages):
     from cls_ray.serve.app import start_serving
 
-    cfg = ServeConfig(port=serve_port, app_name="main", route_prefix="/", api_key_env=API_KEY_ENV,
-                      min_replicas=1, max_replicas=1, ingress_max_replicas=1, num_cpus=0.5, ingress_num_cpus=0.5,
-                      max_batch_size=16, batch_wait_timeout_s=0.02, max_images=8, max_request_bytes=300_000,
-                      max_pixels=4_000_000)
+    cfg = ServeConfig(
+        port=serve_port,
+        app_name="main",
+        route_prefix="/",
+        api_key_env=API_KEY_ENV,
+        min_replicas=1,
+        max_replicas=1,
+        ingress_max_replicas=1,
+        num_cpus=0.5,
+        ingress_num_cpus=0.5,
+        max_batch_size=16,
+        batch_wait_timeout_s=0.02,
+        max_images=8,
+        max_request_bytes=300_000,
+        max_pixels=4_000_000,
+    )
     return start_serving(packages["s3"], cfg)
 
 
@@ -204,8 +231,12 @@ def test_http_predictions_equal_offline_for_every_encoding(main_url, packages):
     expected = offline(packages)
     paths = packages["images"]
     for path, probs in zip(paths, expected, strict=True):
-        r = requests.post(f"{main_url}/v1/predict?top_k=3", data=path.read_bytes(),
-                          headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT)
+        r = requests.post(
+            f"{main_url}/v1/predict?top_k=3",
+            data=path.read_bytes(),
+            headers={**KEY, "Content-Type": "image/png"},
+            timeout=TIMEOUT,
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == {"name": MODEL_NAME, "version": weights_version(packages)} and body["latency_ms"] > 0
@@ -237,13 +268,21 @@ def test_cls_ray_predict_gives_the_answers_of_v1_predict(main_url, packages, tmp
     paths = packages["images"][:8]
     for path in paths:
         (src / path.name).write_bytes(path.read_bytes())
-    predict(packages["s3"], str(src), str(tmp_path / "out"), PredictConfig(top_k=3, replica_cpus=0.5,
-                                                                               decode_cpus=0.5, max_replicas=1))
+    predict(
+        packages["s3"],
+        str(src),
+        str(tmp_path / "out"),
+        PredictConfig(top_k=3, replica_cpus=0.5, decode_cpus=0.5, max_replicas=1),
+    )
     rows = {Path(r["path"]).name: r for r in read_predictions(str(tmp_path / "out")).to_pylist()}
     assert len(rows) == len(paths)
     for path in paths:
-        r = requests.post(f"{main_url}/v1/predict?top_k=3", data=path.read_bytes(),
-                          headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT)
+        r = requests.post(
+            f"{main_url}/v1/predict?top_k=3",
+            data=path.read_bytes(),
+            headers={**KEY, "Content-Type": "image/png"},
+            timeout=TIMEOUT,
+        )
         assert r.status_code == 200, r.text
         served = r.json()["predictions"][0]["top_k"]
         row = rows[path.name]
@@ -257,8 +296,9 @@ def test_v2_infer_with_triton_client_and_raw_json(main_url, serve_port, packages
 
     expected = offline(packages)
     paths = packages["images"][:5]
-    client = triton.InferenceServerClient(f"127.0.0.1:{serve_port}", connection_timeout=TIMEOUT,
-                                          network_timeout=TIMEOUT)
+    client = triton.InferenceServerClient(
+        f"127.0.0.1:{serve_port}", connection_timeout=TIMEOUT, network_timeout=TIMEOUT
+    )
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL_NAME)
     meta = client.get_model_metadata(MODEL_NAME, headers=dict(KEY))
@@ -269,14 +309,28 @@ def test_v2_infer_with_triton_client_and_raw_json(main_url, serve_port, packages
         tensor.set_data_from_numpy(np.array(data, dtype=np.object_), binary_data=binary)
         out = triton.InferRequestedOutput("probabilities", binary_data=binary)
         # (a fresh headers dict per call: the client adds its Inference-Header-Content-Length to the one given)
-        result = client.infer(MODEL_NAME, [tensor], outputs=[out], headers=dict(KEY), request_id="r1",
-                              request_compression_algorithm=None if binary else "gzip")
+        result = client.infer(
+            MODEL_NAME,
+            [tensor],
+            outputs=[out],
+            headers=dict(KEY),
+            request_id="r1",
+            request_compression_algorithm=None if binary else "gzip",
+        )
         probs = result.as_numpy("probabilities")
         assert probs.dtype == np.float32 and probs.shape == (5, 10)
         np.testing.assert_allclose(probs, expected[:5], atol=1e-5)
         assert result.get_response()["id"] == "r1"
-    doc = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
-                       "data": [base64.b64encode(p.read_bytes()).decode() for p in paths[:2]]}]}
+    doc = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [2],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(p.read_bytes()).decode() for p in paths[:2]],
+            }
+        ]
+    }
     r = requests.post(f"{main_url}/v2/models/{MODEL_NAME}/infer", json=doc, headers=KEY, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
@@ -297,8 +351,9 @@ def test_concurrent_requests_are_batched(main_url, packages):
     data = packages["images"][0].read_bytes()
 
     def one(_):
-        return requests.post(f"{main_url}/v1/predict", data=data, headers={**KEY, "Content-Type": "image/png"},
-                             timeout=TIMEOUT).status_code
+        return requests.post(
+            f"{main_url}/v1/predict", data=data, headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT
+        ).status_code
 
     with cf.ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(one, range(48)))
@@ -319,15 +374,34 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("case", [
-    "no_key", "wrong_key", "too_large", "too_large_chunked", "too_many_files", "too_many_json", "top_k_zero",
-    "top_k_big", "top_k_text", "garbage", "truncated", "bomb", "bad_base64", "bad_json", "text_plain", "empty",
-    "v2_no_key", "v2_bad_input", "v2_too_many", "models_no_key",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_key",
+        "wrong_key",
+        "too_large",
+        "too_large_chunked",
+        "too_many_files",
+        "too_many_json",
+        "top_k_zero",
+        "top_k_big",
+        "top_k_text",
+        "garbage",
+        "truncated",
+        "bomb",
+        "bad_base64",
+        "bad_json",
+        "text_plain",
+        "empty",
+        "v2_no_key",
+        "v2_bad_input",
+        "v2_too_many",
+        "models_no_key",
+    ],
+)
 def test_bad_requests_get_a_clear_4xx(main_url, packages, case):
     png = packages["images"][0].read_bytes()
     img = {"Content-Type": "image/png"}
@@ -337,36 +411,73 @@ def test_bad_requests_get_a_clear_4xx(main_url, packages, case):
     cases = {
         "no_key": (401, "unauthorized", lambda: requests.post(url, data=png, headers=img)),
         "wrong_key": (401, "unauthorized", lambda: requests.post(url, data=png, headers={**img, "X-API-Key": "x"})),
-        "too_large": (413, "request_too_large", lambda: requests.post(url, data=b"\0" * 400_000,
-                                                                      headers={**KEY, **img})),
-        "too_large_chunked": (413, "request_too_large", lambda: requests.post(
-            url, data=(b"\0" * 50_000 for _ in range(8)), headers={**KEY, **img})),
-        "too_many_files": (413, "too_many_images", lambda: requests.post(
-            url, files=[("file", (f"{i}.png", png, "image/png")) for i in range(9)], headers=KEY)),
-        "too_many_json": (413, "too_many_images", lambda: requests.post(url, json={"images": [b64] * 9},
-                                                                        headers=KEY)),
-        "top_k_zero": (422, "invalid_top_k", lambda: requests.post(f"{url}?top_k=0", data=png,
-                                                                   headers={**KEY, **img})),
-        "top_k_big": (422, "invalid_top_k", lambda: requests.post(url, json={"images": [b64], "top_k": 11},
-                                                                  headers=KEY)),
-        "top_k_text": (422, "invalid_top_k", lambda: requests.post(f"{url}?top_k=three", data=png,
-                                                                   headers={**KEY, **img})),
-        "garbage": (415, "not_an_image", lambda: requests.post(url, data=b"not an image at all",
-                                                               headers={**KEY, **img})),
+        "too_large": (
+            413,
+            "request_too_large",
+            lambda: requests.post(url, data=b"\0" * 400_000, headers={**KEY, **img}),
+        ),
+        "too_large_chunked": (
+            413,
+            "request_too_large",
+            lambda: requests.post(url, data=(b"\0" * 50_000 for _ in range(8)), headers={**KEY, **img}),
+        ),
+        "too_many_files": (
+            413,
+            "too_many_images",
+            lambda: requests.post(url, files=[("file", (f"{i}.png", png, "image/png")) for i in range(9)], headers=KEY),
+        ),
+        "too_many_json": (413, "too_many_images", lambda: requests.post(url, json={"images": [b64] * 9}, headers=KEY)),
+        "top_k_zero": (422, "invalid_top_k", lambda: requests.post(f"{url}?top_k=0", data=png, headers={**KEY, **img})),
+        "top_k_big": (
+            422,
+            "invalid_top_k",
+            lambda: requests.post(url, json={"images": [b64], "top_k": 11}, headers=KEY),
+        ),
+        "top_k_text": (
+            422,
+            "invalid_top_k",
+            lambda: requests.post(f"{url}?top_k=three", data=png, headers={**KEY, **img}),
+        ),
+        "garbage": (
+            415,
+            "not_an_image",
+            lambda: requests.post(url, data=b"not an image at all", headers={**KEY, **img}),
+        ),
         "truncated": (422, "corrupt", lambda: requests.post(url, data=png[: len(png) // 2], headers={**KEY, **img})),
-        "bomb": (413, "too_many_pixels", lambda: requests.post(url, data=_png_header(40_000, 40_000),
-                                                               headers={**KEY, **img})),
+        "bomb": (
+            413,
+            "too_many_pixels",
+            lambda: requests.post(url, data=_png_header(40_000, 40_000), headers={**KEY, **img}),
+        ),
         "bad_base64": (400, "invalid_base64", lambda: requests.post(url, json={"images": ["%%%"]}, headers=KEY)),
-        "bad_json": (400, "invalid_json", lambda: requests.post(
-            url, data=b"{", headers={**KEY, "Content-Type": "application/json"})),
-        "text_plain": (415, "unsupported_media_type", lambda: requests.post(
-            url, data=b"hello", headers={**KEY, "Content-Type": "text/plain"})),
+        "bad_json": (
+            400,
+            "invalid_json",
+            lambda: requests.post(url, data=b"{", headers={**KEY, "Content-Type": "application/json"}),
+        ),
+        "text_plain": (
+            415,
+            "unsupported_media_type",
+            lambda: requests.post(url, data=b"hello", headers={**KEY, "Content-Type": "text/plain"}),
+        ),
         "empty": (422, "empty", lambda: requests.post(url, data=b"", headers={**KEY, **img})),
         "v2_no_key": (401, "unauthorized", lambda: requests.post(v2, json={})),
-        "v2_bad_input": (400, "invalid_datatype", lambda: requests.post(v2, json={"inputs": [
-            {"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, headers=KEY)),
-        "v2_too_many": (413, "too_many_images", lambda: requests.post(v2, json={"inputs": [
-            {"name": "image", "shape": [9], "datatype": "BYTES", "data": [b64] * 9}]}, headers=KEY)),
+        "v2_bad_input": (
+            400,
+            "invalid_datatype",
+            lambda: requests.post(
+                v2, json={"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, headers=KEY
+            ),
+        ),
+        "v2_too_many": (
+            413,
+            "too_many_images",
+            lambda: requests.post(
+                v2,
+                json={"inputs": [{"name": "image", "shape": [9], "datatype": "BYTES", "data": [b64] * 9}]},
+                headers=KEY,
+            ),
+        ),
         "models_no_key": (401, "unauthorized", lambda: requests.get(f"{main_url}/v1/models")),
     }
     status, reason, send = cases[case]
@@ -374,7 +485,7 @@ def test_bad_requests_get_a_clear_4xx(main_url, packages, case):
     assert r.status_code == status, r.text
     body = r.json()
     assert body["reason"] == reason and body["error"]
-    assert "Traceback" not in r.text and "File \"" not in r.text
+    assert "Traceback" not in r.text and 'File "' not in r.text
 
 
 def test_health_docs_and_metadata(main_url):
@@ -400,8 +511,12 @@ def test_every_pillow_test_image_gets_200_or_4xx(main_url):
     assert len(files) > 500
 
     def send(path: Path) -> tuple[str, int]:
-        r = requests.post(f"{main_url}/v1/predict", data=path.read_bytes(),
-                          headers={**KEY, "Content-Type": "application/octet-stream"}, timeout=TIMEOUT)
+        r = requests.post(
+            f"{main_url}/v1/predict",
+            data=path.read_bytes(),
+            headers={**KEY, "Content-Type": "application/octet-stream"},
+            timeout=TIMEOUT,
+        )
         return path.name, r.status_code
 
     with cf.ThreadPoolExecutor(4) as pool:
@@ -423,9 +538,20 @@ def test_write_config_builder_and_module_app(serve_port, packages, tmp_path, mon
 
     from cls_ray.serve.app import write_serve_config
 
-    cfg = ServeConfig(port=serve_port, app_name="scale", route_prefix="/scale", max_batch_size=4,
-                      max_ongoing_requests=8, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                      upscale_delay_s=0.5, num_cpus=0.5, ingress_num_cpus=0.25, ingress_max_replicas=1)
+    cfg = ServeConfig(
+        port=serve_port,
+        app_name="scale",
+        route_prefix="/scale",
+        max_batch_size=4,
+        max_ongoing_requests=8,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=0.5,
+        num_cpus=0.5,
+        ingress_num_cpus=0.25,
+        ingress_max_replicas=1,
+    )
     path = write_serve_config(packages["local"], cfg, str(tmp_path / "serve.yaml"))
     doc = yaml.safe_load(Path(path).read_text())
     schema = ServeDeploySchema.model_validate(doc)
@@ -440,8 +566,7 @@ def test_write_config_builder_and_module_app(serve_port, packages, tmp_path, mon
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), str_args)
     assert isinstance(built, Application)
     with pytest.raises(ConfigError, match="serve.max_batch_size"):
-        call_user_app_builder_with_args_if_necessary(import_attr(app.import_path),
-                                                     {**str_args, "max_batch_size": "0"})
+        call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), {**str_args, "max_batch_size": "0"})
     monkeypatch.delenv("CLS_RAY_MODEL_URI", raising=False)
     with pytest.raises(ConfigError, match="CLS_RAY_MODEL_URI"):
         import_attr("cls_ray.serve.app:app")
@@ -458,9 +583,20 @@ def scale_url(serve_port, packages, tmp_path_factory):
 
     from cls_ray.serve.app import serve_config_dict
 
-    cfg = ServeConfig(port=serve_port, app_name="scale", route_prefix="/scale", max_batch_size=2,
-                      max_ongoing_requests=4, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                      upscale_delay_s=0.5, num_cpus=0.5, ingress_num_cpus=0.25, ingress_max_replicas=1)
+    cfg = ServeConfig(
+        port=serve_port,
+        app_name="scale",
+        route_prefix="/scale",
+        max_batch_size=2,
+        max_ongoing_requests=4,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=0.5,
+        num_cpus=0.5,
+        ingress_num_cpus=0.25,
+        ingress_max_replicas=1,
+    )
     app = serve_config_dict(packages["local"], cfg)["applications"][0]
     built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"])
     serve.run(built, name=app["name"], route_prefix=app["route_prefix"])
@@ -493,8 +629,11 @@ def test_autoscaling_scales_up_under_load_within_bounds(scale_url, packages, das
     def client(_):
         codes = []
         while time.monotonic() < stop and not (seen and seen[-1] >= 2):
-            codes.append(requests.post(f"{scale_url}/v1/predict", data=data,
-                                       headers={"Content-Type": "image/png"}, timeout=TIMEOUT).status_code)
+            codes.append(
+                requests.post(
+                    f"{scale_url}/v1/predict", data=data, headers={"Content-Type": "image/png"}, timeout=TIMEOUT
+                ).status_code
+            )
         return codes
 
     with cf.ThreadPoolExecutor(8) as pool:
@@ -514,8 +653,11 @@ def test_killed_model_replica_recovers(main_url, packages, dashboard):
     from ray.util.state import list_actors
 
     data = packages["images"][1].read_bytes()
-    replicas = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
-                if a.name and a.name.startswith("SERVE_REPLICA::main#ClassifierModel#")]
+    replicas = [
+        a
+        for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+        if a.name and a.name.startswith("SERVE_REPLICA::main#ClassifierModel#")
+    ]
     assert len(replicas) == 1
     old = replicas[0].name
     codes: list[int] = []
@@ -523,12 +665,17 @@ def test_killed_model_replica_recovers(main_url, packages, dashboard):
 
     def client(_):
         while time.monotonic() < stop:
-            r = requests.post(f"{main_url}/v1/predict", data=data, headers={**KEY, "Content-Type": "image/png"},
-                              timeout=TIMEOUT)
+            r = requests.post(
+                f"{main_url}/v1/predict", data=data, headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT
+            )
             codes.append(r.status_code)
             assert "Traceback" not in r.text
-            if r.status_code == 200 and killed and time.monotonic() > killed[0] + 1 and \
-                    sum(c == 200 for c in codes[-5:]) == 5:
+            if (
+                r.status_code == 200
+                and killed
+                and time.monotonic() > killed[0] + 1
+                and sum(c == 200 for c in codes[-5:]) == 5
+            ):
                 return
 
     killed: list[float] = []
@@ -541,11 +688,15 @@ def test_killed_model_replica_recovers(main_url, packages, dashboard):
             f.result()
     assert set(codes) <= {200, 503}, sorted(set(codes))
     assert codes[-1] == 200
-    r = requests.post(f"{main_url}/v1/predict", data=data, headers={**KEY, "Content-Type": "image/png"},
-                      timeout=TIMEOUT)
+    r = requests.post(
+        f"{main_url}/v1/predict", data=data, headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT
+    )
     assert r.status_code == 200
-    new = [a.name for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
-           if a.name and a.name.startswith("SERVE_REPLICA::main#ClassifierModel#")]
+    new = [
+        a.name
+        for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+        if a.name and a.name.startswith("SERVE_REPLICA::main#ClassifierModel#")
+    ]
     assert new and old not in new
 
 
@@ -566,8 +717,9 @@ def test_catch_all_middleware_hides_internal_errors():
         raise RuntimeError("secret internal detail")
 
     async def call():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api, raise_app_exceptions=False),
-                                     base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=api, raise_app_exceptions=False), base_url="http://test"
+        ) as client:
             return await client.get("/boom")
 
     r = asyncio.run(call())

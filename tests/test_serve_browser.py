@@ -26,8 +26,16 @@ from cls_ray.predict import predict_files
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 KEY_ENV = "CLS_RAY_BROWSER_TEST_KEY"
 KEY = "browser-key-42"
 CLI = [sys.executable, "-m", "cls_ray.cli"]
@@ -50,8 +58,14 @@ def _pump(stream, lines: queue.Queue) -> None:
 def served(package):
     """``cls-ray serve PACKAGE`` in its own process; yields the URL it printed, then stops it with Ctrl+C."""
     port = free_port()
-    overrides = [f"serve.port={port}", "serve.num_cpus=0.5", "serve.ingress_num_cpus=0.5", "serve.max_replicas=1",
-                 "serve.ingress_max_replicas=1", f"serve.api_key_env={KEY_ENV}"]
+    overrides = [
+        f"serve.port={port}",
+        "serve.num_cpus=0.5",
+        "serve.ingress_num_cpus=0.5",
+        "serve.max_replicas=1",
+        "serve.ingress_max_replicas=1",
+        f"serve.api_key_env={KEY_ENV}",
+    ]
     env = {**os.environ, KEY_ENV: KEY, "RAY_ADDRESS": "local"}  # a fresh local Ray, never someone else's cluster
     cmd = CLI + ["serve", package["uri"]] + [arg for o in overrides for arg in ("--set", o)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

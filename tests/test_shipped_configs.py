@@ -48,8 +48,9 @@ GPU = Trains(
     image_size=224,
     weights="timm",
 )
-DEMO = Trains(architectures=frozenset({"resnet10t", "mobilenetv3_small_050"}), mode="scratch", image_size=28,
-              weights=None)
+DEMO = Trains(
+    architectures=frozenset({"resnet10t", "mobilenetv3_small_050"}), mode="scratch", image_size=28, weights=None
+)
 EXPECTED = {
     "configs/demo.yaml": DEMO,
     "cluster/pipeline-s3.yaml": GPU,
@@ -137,8 +138,15 @@ def test_shipped_config_trains_the_architectures_mode_and_size_it_is_shipped_for
         assert_trains(trial_cfg, trains, f"{config_id}: search {name}", input_sizes)
         assert trial_cfg.train.epochs == cfg.tune.max_epochs
         if "train" in cfg.pipeline.stages:  # this trial as the search's winner, trained on the full data
-            winner = TuneResult(experiment_uri="", leaderboard_uri="", best_package_uri="", best_metric=1.0,
-                                metric=cfg.train.metric, best_trial=name, best_config=values)
+            winner = TuneResult(
+                experiment_uri="",
+                leaderboard_uri="",
+                best_package_uri="",
+                best_metric=1.0,
+                metric=cfg.train.metric,
+                best_trial=name,
+                best_config=values,
+            )
             final = _final_config(cfg, winner)
             assert_trains(final, trains, f"{config_id}: final run of winner {name}", input_sizes)
             assert final.model.name == values["model.name"] and final.train.epochs == cfg.train.epochs

@@ -35,10 +35,22 @@ from cls_ray.train.trainer import train
 
 pytestmark = pytest.mark.ray
 
-FAST = ["model.name=resnet10t", "model.image_size=32", "model.crop_pct=1.0", "data.batch_size=32",
-        "data.auto_augment=null", "data.color_jitter=0", "data.hflip=0", "data.re_prob=0", "data.scale=[0.6,1.0]",
-        "data.eval_batch_size=128", "data.decode_cpus=0.5", "data.decode_concurrency=1", "optim.lr=0.003",
-        "optim.warmup_epochs=0"]
+FAST = [
+    "model.name=resnet10t",
+    "model.image_size=32",
+    "model.crop_pct=1.0",
+    "data.batch_size=32",
+    "data.auto_augment=null",
+    "data.color_jitter=0",
+    "data.hflip=0",
+    "data.re_prob=0",
+    "data.scale=[0.6,1.0]",
+    "data.eval_batch_size=128",
+    "data.decode_cpus=0.5",
+    "data.decode_concurrency=1",
+    "optim.lr=0.003",
+    "optim.warmup_epochs=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +80,14 @@ def _history(run_uri: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster, digits_dataset, tmp_path):
-    cfg = _config(tmp_path, "train.run_name=ddp", "train.epochs=4", "train.num_workers=2", "train.eval_every=2",
-                  "train.keep_checkpoints=1")
+    cfg = _config(
+        tmp_path,
+        "train.run_name=ddp",
+        "train.epochs=4",
+        "train.num_workers=2",
+        "train.eval_every=2",
+        "train.keep_checkpoints=1",
+    )
     result = train(digits_dataset, cfg)
 
     assert result.metrics["val_top1"] > 0.6  # 10 classes: chance is 0.1
@@ -106,15 +124,22 @@ def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster,
         assert evaluated[key] == pytest.approx(result.metrics[f"val_{key}"], abs=1e-6), key
     assert evaluated["confusion_matrix"] == checkpoint_eval["confusion_matrix"] or result.metrics["epoch"] != 4
     assert {"metrics.json", "confusion_matrix.json", "confusion_matrix.png", "per_class.csv"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
 
 
 def test_pretrained_file_with_frozen_backbone(ray_cluster, digits_dataset, tmp_path):
     source = timm.create_model("resnet10t", num_classes=3)
     weights = str(tmp_path / "pretrained.safetensors")
     save_weights_file(source, weights)
-    cfg = _config(tmp_path, "train.run_name=frozen", "train.epochs=1", "train.num_workers=1",
-                  f"model.pretrained={weights}", "model.mode=frozen")
+    cfg = _config(
+        tmp_path,
+        "train.run_name=frozen",
+        "train.epochs=1",
+        "train.num_workers=1",
+        f"model.pretrained={weights}",
+        "model.mode=frozen",
+    )
     result = train(digits_dataset, cfg)
 
     packaged = load_file(str(Path(result.package_uri) / "model.safetensors"))
@@ -142,18 +167,32 @@ def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | N
 def test_rerun_after_driver_killed_resumes_at_next_epoch_on_s3(ray_cluster, digits_dataset, s3_bucket, tmp_path):
     storage_path = f"{s3_bucket}/runs"
     run_uri = f"{storage_path}/resume"
-    overrides = [*FAST, f"train.storage_path={storage_path}", "train.run_name=resume", "train.epochs=3",
-                 "train.num_workers=1"]
+    overrides = [
+        *FAST,
+        f"train.storage_path={storage_path}",
+        "train.run_name=resume",
+        "train.epochs=3",
+        "train.num_workers=1",
+    ]
     args = [sys.executable, "-m", "cls_ray.cli", "train", "--data", digits_dataset]
     for item in overrides:
         args += ["--set", item]
     log = open(tmp_path / "driver.log", "wb")
-    proc = subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": ray_cluster}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        env={**os.environ, "RAY_ADDRESS": ray_cluster},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
     try:
-        _wait_for(lambda: storage.exists(snapshot) and b"epoch-0001" in storage.read_bytes(snapshot), 400,
-                  "the first checkpoint", proc)
+        _wait_for(
+            lambda: storage.exists(snapshot) and b"epoch-0001" in storage.read_bytes(snapshot),
+            400,
+            "the first checkpoint",
+            proc,
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies with its run; the run's actors go with it
         proc.wait()
@@ -184,8 +223,7 @@ def test_bad_configuration_is_refused_before_any_worker_starts(ray_cluster, digi
         assert time.monotonic() - started < 30
         assert not runs.exists()  # nothing written, no run started
 
-    refused(ConfigError, "model.name: timm has no architecture 'resnet_nope'", digits_dataset,
-            "model.name=resnet_nope")
+    refused(ConfigError, "model.name: timm has no architecture 'resnet_nope'", digits_dataset, "model.name=resnet_nope")
     refused(ConfigError, "train.num_workers: 9 workers", digits_dataset, "train.num_workers=9")
     refused(ConfigError, "Ray Data decoding", digits_dataset, "train.num_workers=4")  # 4 x 1 CPU of 4: none left
     empty = tmp_path / "not-a-dataset"
@@ -224,8 +262,11 @@ def test_cpu_workers_reuse_freed_memory_with_jemalloc(ray_cluster, digits_datase
     assert env == worker_runtime_env(cfg) and env["env_vars"]["LD_PRELOAD"].endswith("libjemalloc.so")
     pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     jemalloc = ray.get(_allocator_probe.options(runtime_env=env).remote())
-    system = ray.get(_allocator_probe.options(
-        runtime_env=worker_runtime_env(_config(tmp_path, "train.cpu_allocator=system"))).remote())
+    system = ray.get(
+        _allocator_probe.options(
+            runtime_env=worker_runtime_env(_config(tmp_path, "train.cpu_allocator=system"))
+        ).remote()
+    )
     assert jemalloc[0] and jemalloc[1] < 0.01 * pages  # the freed pages are reused as they are
     assert not system[0] and system[1] > 0.9 * pages  # glibc maps 64 MiB afresh: a fault per page, every time
     assert worker_runtime_env(_config(tmp_path, "train.use_gpu=true")) == {}
@@ -256,7 +297,8 @@ def test_decode_worker_interrupted_while_importing_torch_is_not_reused(ray_clust
     exec(_INTERRUPTED_IMPORT, namespace)
     # A runtime env of its own: a fresh worker process that has not imported torch, reused by the second task.
     probe = ray.remote(num_cpus=0, max_retries=0)(namespace["first_decode_call"]).options(
-        runtime_env={"env_vars": {"CLS_RAY_PROBE": f"{os.getpid()}-{time.time()}"}})
+        runtime_env={"env_vars": {"CLS_RAY_PROBE": f"{os.getpid()}-{time.time()}"}}
+    )
     with pytest.raises(ray.exceptions.WorkerCrashedError):
         ray.get(probe.remote(0.3))
     _, grad = ray.get(probe.remote(0))
@@ -276,8 +318,10 @@ def test_ray_data_waits_instead_of_spinning_behind_a_slower_consumer(ray_cluster
 
     cfg = load_config(None, FAST)
     manifest = read_manifest(digits_dataset)
-    for ds in (build_train_dataset(digits_dataset, manifest, data_config_for(cfg.model), cfg.data),
-               build_eval_dataset(digits_dataset, manifest, "val", data_config_for(cfg.model), cfg.data)):
+    for ds in (
+        build_train_dataset(digits_dataset, manifest, data_config_for(cfg.model), cfg.data),
+        build_eval_dataset(digits_dataset, manifest, "val", data_config_for(cfg.model), cfg.data),
+    ):
         assert backoff.IdleBackoff in ds.context.custom_execution_callback_classes
 
     steps: list[float] = []
@@ -292,8 +336,12 @@ def test_ray_data_waits_instead_of_spinning_behind_a_slower_consumer(ray_cluster
     ds.context.op_resource_reservation_enabled = False
     backoff.install(ds.context)
     ds.context.custom_execution_callback_classes.append(RecordSteps)
-    ds = ds.map_batches(lambda batch: {"image": np.zeros((len(batch["id"]), 28, 28, 3), np.uint8)}, batch_size=None,
-                        num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=1))
+    ds = ds.map_batches(
+        lambda batch: {"image": np.zeros((len(batch["id"]), 28, 28, 3), np.uint8)},
+        batch_size=None,
+        num_cpus=0.5,
+        compute=ray.data.TaskPoolStrategy(size=1),
+    )
     rows, start = 0, time.monotonic()
     for batch in ds.iter_batches(batch_size=256, prefetch_batches=1):
         time.sleep(0.05)  # a training step
@@ -342,11 +390,13 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
         assert shapes == {(32, 32, 3)}  # NHWC rows: the iterators hand out NCHW views
         return labels
 
-    streamed = build_train_dataset(str(copy), manifest, data_config_for(cfg.model), replace(cfg.data, cache="never"),
-                                   seed=3)
+    streamed = build_train_dataset(
+        str(copy), manifest, data_config_for(cfg.model), replace(cfg.data, cache="never"), seed=3
+    )
     assert Counter(epoch(streamed)) == expected
-    cached = build_train_dataset(str(copy), manifest, data_config_for(cfg.model), replace(cfg.data, cache="always"),
-                                 seed=3)
+    cached = build_train_dataset(
+        str(copy), manifest, data_config_for(cfg.model), replace(cfg.data, cache="always"), seed=3
+    )
     shutil.rmtree(copy / "train")  # the cached split no longer needs its shards
     first, second = epoch(cached), epoch(cached)
     assert Counter(first) == Counter(second) == expected  # every row once per epoch
@@ -355,8 +405,9 @@ def test_cached_train_split_is_read_once_and_reshuffled_every_epoch(ray_cluster,
         epoch(streamed)  # the streamed split reads its (now missing) shards every epoch
 
 
-def test_runs_given_shared_splits_read_no_shards_unless_they_block_them_differently(ray_cluster, digits_dataset,
-                                                                                    tmp_path):
+def test_runs_given_shared_splits_read_no_shards_unless_they_block_them_differently(
+    ray_cluster, digits_dataset, tmp_path
+):
     # A search reads the train and val splits once and hands them to every trial (cls_ray.tune.tuner).
     from collections import Counter
     from dataclasses import replace
@@ -374,8 +425,10 @@ def test_runs_given_shared_splits_read_no_shards_unless_they_block_them_differen
     shutil.rmtree(copy / "train")  # from here on, a run that reads a split's shards fails
     shutil.rmtree(copy / "val")
 
-    for split, ds in (("train", build_train_dataset(str(copy), manifest, data_config, data, seed=1, shared=shared)),
-                      ("val", build_eval_dataset(str(copy), manifest, "val", data_config, data, shared=shared))):
+    for split, ds in (
+        ("train", build_train_dataset(str(copy), manifest, data_config, data, seed=1, shared=shared)),
+        ("val", build_eval_dataset(str(copy), manifest, "val", data_config, data, shared=shared)),
+    ):
         labels = [label for batch in ds.iter_batches(batch_size=None) for label in batch["label"]]
         assert Counter(labels) == Counter(dict(enumerate(manifest["splits"][split]["class_counts"]))), split
     # A model taking 1024 px rows needs smaller blocks (at most Ray Data's target block size decoded): that run

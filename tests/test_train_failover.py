@@ -48,14 +48,30 @@ def small_digits_dataset(tmp_path_factory) -> str:
 
 def test_losing_a_worker_node_resumes_from_the_last_checkpoint(cluster, small_digits_dataset, tmp_path):
     cluster, worker_node = cluster
-    cfg = load_config(None, [
-        "model.name=resnet10t", "model.image_size=32", "model.crop_pct=1.0", "data.batch_size=32",
-        "data.auto_augment=null", "data.color_jitter=0", "data.hflip=0", "data.re_prob=0",
-        "data.decode_cpus=0.5", "data.decode_concurrency=1", "optim.warmup_epochs=0", "optim.lr=0.003",
-        "train.num_workers=2", "train.cpus_per_worker=1", "train.worker_resources={trainer: 1}", "train.epochs=3",
-        "train.max_failures=2",
-        f"train.storage_path={tmp_path / 'runs'}", "train.run_name=failover",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.name=resnet10t",
+            "model.image_size=32",
+            "model.crop_pct=1.0",
+            "data.batch_size=32",
+            "data.auto_augment=null",
+            "data.color_jitter=0",
+            "data.hflip=0",
+            "data.re_prob=0",
+            "data.decode_cpus=0.5",
+            "data.decode_concurrency=1",
+            "optim.warmup_epochs=0",
+            "optim.lr=0.003",
+            "train.num_workers=2",
+            "train.cpus_per_worker=1",
+            "train.worker_resources={trainer: 1}",
+            "train.epochs=3",
+            "train.max_failures=2",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.run_name=failover",
+        ],
+    )
     run_dir = tmp_path / "runs" / "failover"
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     with ThreadPoolExecutor(max_workers=1) as pool:

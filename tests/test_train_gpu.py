@@ -17,19 +17,41 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _batches(n: int, device: torch.device, size: int = 32) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [{"image": torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
-             "label": torch.randint(0, 10, (size,), generator=g).to(device)} for _ in range(n)]
+    return [
+        {
+            "image": torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
+            "label": torch.randint(0, 10, (size,), generator=g).to(device),
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("amp, compile_model", [("bf16", False), ("fp16", False), ("bf16", True), ("none", False)])
 def test_train_step_on_cuda(amp, compile_model):
     device = torch.device("cuda")
-    cfg = load_config(None, ["model.name=resnet10t", "model.image_size=32", "data.batch_size=32", "data.mixup=0.2",
-                             "data.cutmix=1.0", "data.re_prob=0.5", "train.ema=true", f"train.amp={amp}",
-                             f"model.compile={str(compile_model).lower()}", "optim.grad_accum_steps=2",
-                             "optim.grad_clip=1.0"])
-    spec = RunSpec(classes=[str(i) for i in range(10)], class_counts=[10] * 10,
-                   data_config=data_config_for(cfg.model), run_uri="", updates_per_epoch=4)
+    cfg = load_config(
+        None,
+        [
+            "model.name=resnet10t",
+            "model.image_size=32",
+            "data.batch_size=32",
+            "data.mixup=0.2",
+            "data.cutmix=1.0",
+            "data.re_prob=0.5",
+            "train.ema=true",
+            f"train.amp={amp}",
+            f"model.compile={str(compile_model).lower()}",
+            "optim.grad_accum_steps=2",
+            "optim.grad_clip=1.0",
+        ],
+    )
+    spec = RunSpec(
+        classes=[str(i) for i in range(10)],
+        class_counts=[10] * 10,
+        data_config=data_config_for(cfg.model),
+        run_uri="",
+        updates_per_epoch=4,
+    )
     w = build_worker(cfg, spec, device)
     assert w.precision.scaler.is_enabled() == (amp == "fp16")
     assert w.precision.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)

@@ -37,20 +37,36 @@ CLASSES = [f"c{i}" for i in range(4)]
 
 
 def _cfg(*overrides: str):
-    base = ["model.name=resnet10t", "model.image_size=32", "data.batch_size=8", "data.re_prob=0",
-            "optim.warmup_epochs=0", "train.epochs=2"]
+    base = [
+        "model.name=resnet10t",
+        "model.image_size=32",
+        "data.batch_size=8",
+        "data.re_prob=0",
+        "optim.warmup_epochs=0",
+        "train.epochs=2",
+    ]
     return load_config(None, base + list(overrides))
 
 
 def _spec(cfg) -> RunSpec:
-    return RunSpec(classes=CLASSES, class_counts=[10, 10, 10, 10], data_config=data_config_for(cfg.model),
-                   run_uri="", updates_per_epoch=4)
+    return RunSpec(
+        classes=CLASSES,
+        class_counts=[10, 10, 10, 10],
+        data_config=data_config_for(cfg.model),
+        run_uri="",
+        updates_per_epoch=4,
+    )
 
 
 def _batches(n: int, size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g),
-             "label": torch.randint(0, len(CLASSES), (size,), generator=g)} for _ in range(n)]
+    return [
+        {
+            "image": torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "label": torch.randint(0, len(CLASSES), (size,), generator=g),
+        }
+        for _ in range(n)
+    ]
 
 
 def _head_names(model: torch.nn.Module) -> set[str]:
@@ -82,8 +98,10 @@ def test_finetune_from_state_dict_pt_loads_every_backbone_tensor(tmp_path):
     source = timm.create_model("resnet10t", num_classes=3)
     path = str(tmp_path / "weights.pth")
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
-    model = create_model(load_config(None, ["model.name=resnet10t", f"model.pretrained={path}",
-                                           "model.mode=finetune"]).model, num_classes=5)
+    model = create_model(
+        load_config(None, ["model.name=resnet10t", f"model.pretrained={path}", "model.mode=finetune"]).model,
+        num_classes=5,
+    )
     heads = _head_names(model)
     for name, tensor in model.state_dict().items():
         if name not in heads:
@@ -93,12 +111,21 @@ def test_finetune_from_state_dict_pt_loads_every_backbone_tensor(tmp_path):
 
 def test_gradient_accumulation_matches_one_large_batch():
     # test_vit has only LayerNorm (no batch statistics), so two half batches must give the same update.
-    base = ["model.name=test_vit", "model.image_size=32", "optim.optimizer=sgd", "optim.lr=0.1", "optim.sched=none",
-            "optim.weight_decay=0", "data.label_smoothing=0", "model.channels_last=false"]
+    base = [
+        "model.name=test_vit",
+        "model.image_size=32",
+        "optim.optimizer=sgd",
+        "optim.lr=0.1",
+        "optim.sched=none",
+        "optim.weight_decay=0",
+        "data.label_smoothing=0",
+        "model.channels_last=false",
+    ]
     torch.manual_seed(0)
     big = build_worker(_cfg(*base, "data.batch_size=16"), _spec(_cfg(*base)), torch.device("cpu"))
-    small = build_worker(_cfg(*base, "data.batch_size=8", "optim.grad_accum_steps=2"), _spec(_cfg(*base)),
-                         torch.device("cpu"))
+    small = build_worker(
+        _cfg(*base, "data.batch_size=8", "optim.grad_accum_steps=2"), _spec(_cfg(*base)), torch.device("cpu")
+    )
     small.objs.model.load_state_dict(big.objs.model.state_dict())
     (batch,) = _batches(1, size=16)
     train_step(big, batch, update=True, progress=Progress())
@@ -108,8 +135,7 @@ def test_gradient_accumulation_matches_one_large_batch():
     assert progress.num_updates == 0
     train_step(small, halves[1], update=True, progress=progress)
     assert progress.num_updates == 1
-    for (name, a), b in zip(big.objs.model.state_dict().items(), small.objs.model.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(big.objs.model.state_dict().items(), small.objs.model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
@@ -130,8 +156,7 @@ def test_train_state_round_trip_restores_optimizer_schedule_ema_and_rng(tmp_path
     assert restored.epoch == 1 and restored.num_updates == 3
     for a, b in zip(w.objs.model.state_dict().values(), fresh.objs.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(w.objs.ema.module.state_dict().values(), fresh.objs.ema.module.state_dict().values(),
-                    strict=True):
+    for a, b in zip(w.objs.ema.module.state_dict().values(), fresh.objs.ema.module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert fresh.objs.optimizer.state_dict()["state"][0]["step"] == 3
     assert fresh.objs.optimizer.param_groups[0]["lr"] == w.objs.optimizer.param_groups[0]["lr"]
@@ -185,9 +210,11 @@ def test_metrics_match_scikit_learn():
     for avg in ("macro", "weighted"):
         assert scalars[f"f1_{avg}"] == pytest.approx(f1_score(target, pred, average=avg, zero_division=0), abs=1e-6)
         assert scalars[f"precision_{avg}"] == pytest.approx(
-            precision_score(target, pred, average=avg, zero_division=0), abs=1e-6)
-        assert scalars[f"recall_{avg}"] == pytest.approx(recall_score(target, pred, average=avg, zero_division=0),
-                                                         abs=1e-6)
+            precision_score(target, pred, average=avg, zero_division=0), abs=1e-6
+        )
+        assert scalars[f"recall_{avg}"] == pytest.approx(
+            recall_score(target, pred, average=avg, zero_division=0), abs=1e-6
+        )
     assert scalars["loss"] == pytest.approx(float(F.cross_entropy(logits, target)), abs=1e-6)
     top5 = logits.topk(5, dim=1).indices.eq(target[:, None]).any(1).float().mean()
     assert scalars["top5"] == pytest.approx(float(top5))
@@ -256,18 +283,24 @@ def _jpeg_variants() -> dict[str, bytes]:
         img.save(buf, "JPEG", quality=85, **kwargs)
         return buf.getvalue()
 
-    variants = {f"{sub}{' progressive' if prog else ''}": save(image, subsampling=sub, progressive=prog)
-                for sub in ("4:4:4", "4:2:2", "4:2:0") for prog in (False, True)}
-    variants["4:4:0"] = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                                                      cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440])[1].tobytes()
+    variants = {
+        f"{sub}{' progressive' if prog else ''}": save(image, subsampling=sub, progressive=prog)
+        for sub in ("4:4:4", "4:2:2", "4:2:0")
+        for prog in (False, True)
+    }
+    variants["4:4:0"] = cv2.imencode(
+        ".jpg", pixels, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440]
+    )[1].tobytes()
     variants["restart markers"] = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_RST_INTERVAL, 2])[1].tobytes()
     variants["grayscale"] = save(image.convert("L"))
     for orientation in (1, 6):
         exif = Image.Exif()
         exif[0x0112] = orientation
         variants[f"exif orientation {orientation}"] = save(image, exif=exif)
-    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>')
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>'
+    )
     variants["xmp orientation 8"] = save(image, xmp=xmp)
     variants["cmyk"] = save(image.convert("CMYK"))
     return variants
@@ -312,8 +345,13 @@ def test_randaugment_guard_keeps_posterize_valid():
     from PIL import Image
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))
-    data_config = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                   "crop_pct": 1.0}
+    data_config = {
+        "input_size": [3, 32, 32],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
     raw = timm.data.create_transform(32, is_training=True, use_prefetcher=True, auto_augment="rand-m10-n4-inc1")
     random.seed(0)
     with pytest.raises(ValueError, match="bits"):  # unguarded timm + Pillow >= 11: posterize(bits=0)
@@ -334,8 +372,9 @@ def test_config_checks_name_the_key():
         load_config(None, ["model.crop_pct=1.5"])
 
 
-@pytest.mark.parametrize("mode,scores,expected", [("max", [0.8, 0.9, 0.9], 3), ("min", [0.3, 0.2, 0.2], 3),
-                                                 ("max", [0.9, 0.8, 0.7], 1)])
+@pytest.mark.parametrize(
+    "mode,scores,expected", [("max", [0.8, 0.9, 0.9], 3), ("min", [0.3, 0.2, 0.2], 3), ("max", [0.9, 0.8, 0.7], 1)]
+)
 def test_best_epoch_and_packaged_checkpoint_agree_on_ties(tmp_path, mode, scores, expected):
     """The leaderboard's best epoch and the checkpoint a run packages are the same one, ties included: the latest
     of equally scored epochs, the one Ray's checkpoint manager keeps."""
@@ -348,13 +387,24 @@ def test_best_epoch_and_packaged_checkpoint_agree_on_ties(tmp_path, mode, scores
 
     metric = "val_top1" if mode == "max" else "val_loss"
     rows = [{"epoch": e, metric: s, "time_this_iter_s": 1.0, "done": e == 3} for e, s in enumerate(scores, 1)]
-    row = trial_row(ray.tune.Result(metrics=rows[-1], checkpoint=None, error=None, path=str(tmp_path / "trial_0001"),
-                                    metrics_dataframe=pd.DataFrame(rows)), metric, mode, max_epochs=3)
+    row = trial_row(
+        ray.tune.Result(
+            metrics=rows[-1],
+            checkpoint=None,
+            error=None,
+            path=str(tmp_path / "trial_0001"),
+            metrics_dataframe=pd.DataFrame(rows),
+        ),
+        metric,
+        mode,
+        max_epochs=3,
+    )
     assert row.best_epoch == expected and row.best_metric == pytest.approx(scores[expected - 1])
 
     checkpoints = [(ray.train.Checkpoint(str(tmp_path / f"epoch-{r['epoch']}")), r) for r in rows]
-    result = ray.train.Result(metrics=rows[-1], checkpoint=checkpoints[-1][0], error=None, path=str(tmp_path),
-                              best_checkpoints=checkpoints)
+    result = ray.train.Result(
+        metrics=rows[-1], checkpoint=checkpoints[-1][0], error=None, path=str(tmp_path), best_checkpoints=checkpoints
+    )
     cfg = load_config(None, [f"train.metric={metric}", f"train.metric_mode={mode}"])
     assert _best_checkpoint(result, cfg).path.endswith(f"epoch-{expected}")
 
@@ -379,8 +429,14 @@ def test_eval_transform_on_tensors_matches_timm_on_pil(interpolation):
     shrinking large photos and enlarging small ones alike."""
     from torchvision.transforms.functional import pil_to_tensor
 
-    data_config = {"input_size": [3, 96, 96], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": interpolation,
-                   "crop_pct": 0.875, "crop_mode": "center"}
+    data_config = {
+        "input_size": [3, 96, 96],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": interpolation,
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
     transform = create_image_transform(data_config)
     assert transform.takes_tensors
     pil = create_eval_transform(data_config)
@@ -400,16 +456,27 @@ def test_train_transform_on_tensors_keeps_timm_parameters():
     from torchvision.transforms import v2
     from torchvision.transforms.functional import pil_to_tensor
 
-    data_config = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
-                   "crop_pct": 1.0}
-    cfg = load_config(None, ["data.auto_augment=null", "data.color_jitter=0.3", "data.hflip=0.25",
-                             "data.scale=[0.3,0.9]"]).data
+    data_config = {
+        "input_size": [3, 64, 64],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+    }
+    cfg = load_config(
+        None, ["data.auto_augment=null", "data.color_jitter=0.3", "data.hflip=0.25", "data.scale=[0.3,0.9]"]
+    ).data
     transform = create_image_transform(data_config, cfg)
     ops = {type(op): op for op in transform.tensor_transform.transforms}
     crop = ops[RandomResizedCropUint8]
     timm_crop = create_train_transform(data_config, cfg).transforms[0]
     assert (crop.size, crop.scale, crop.ratio, crop.interpolation, crop.antialias) == (
-        timm_crop.size, timm_crop.scale, timm_crop.ratio, timm_crop.interpolation, True)
+        timm_crop.size,
+        timm_crop.scale,
+        timm_crop.ratio,
+        timm_crop.interpolation,
+        True,
+    )
     assert ops[v2.RandomHorizontalFlip].p == 0.25
     jitter = ops[v2.ColorJitter]
     assert jitter.brightness == jitter.contrast == jitter.saturation == pytest.approx((0.7, 1.3))
@@ -420,11 +487,14 @@ def test_train_transform_on_tensors_keeps_timm_parameters():
     assert all(o.shape == (3, 64, 64) and o.dtype == np.uint8 for o in outs)
     assert not np.array_equal(outs[0], outs[1])
     # Without randomness left (whole image, no flip, no jitter) it is timm's PIL output to a level or two.
-    fixed = load_config(None, ["data.auto_augment=null", "data.color_jitter=0", "data.hflip=0",
-                               "data.scale=[1,1]"]).data  # a whole square image: every sampled crop is it
+    fixed = load_config(
+        None, ["data.auto_augment=null", "data.color_jitter=0", "data.hflip=0", "data.scale=[1,1]"]
+    ).data  # a whole square image: every sampled crop is it
     square = _pillow_photos()[0].crop((0, 0, 64 * 2, 64 * 2))
-    diff = np.abs(create_image_transform(data_config, fixed)(square).astype(np.int16)
-                  - create_train_transform(data_config, fixed)(square).numpy())
+    diff = np.abs(
+        create_image_transform(data_config, fixed)(square).astype(np.int16)
+        - create_train_transform(data_config, fixed)(square).numpy()
+    )
     assert diff.max() <= 2 and diff.mean() < 0.1
 
 
@@ -444,8 +514,13 @@ def test_random_resized_crop_enlarges_in_opencv_like_timm_on_pil():
     counts = {}
     random.seed(0)  # the crop boxes are timm's draws, from Python's random
     for side in (160, 48):  # most crops of the photos are enlarged to 160 px, shrunk to 48 px
-        data_config = {"input_size": [3, side, side], "mean": [0.5] * 3, "std": [0.5] * 3,
-                       "interpolation": "bilinear", "crop_pct": 1.0}
+        data_config = {
+            "input_size": [3, side, side],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+        }
         transform = create_image_transform(data_config, cfg)
         crop = transform.tensor_transform.transforms[0]
         assert type(crop) is RandomResizedCropUint8
@@ -457,8 +532,9 @@ def test_random_resized_crop_enlarges_in_opencv_like_timm_on_pil():
                     params = crop.make_params([tensor])
                     out = crop.transform(tensor, params).numpy()
                     top, left, h, w = params["top"], params["left"], params["height"], params["width"]
-                    expected = np.asarray(photo.crop((left, top, left + w, top + h)).resize(
-                        (side, side), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+                    expected = np.asarray(
+                        photo.crop((left, top, left + w, top + h)).resize((side, side), Image.Resampling.BILINEAR)
+                    ).transpose(2, 0, 1)
                     diff = np.abs(out.astype(np.int16) - expected)
                     assert out.shape == (3, side, side)
                     if h <= side and w <= side:
@@ -487,8 +563,13 @@ def test_crop_and_flip_run_directly_with_timms_draws_and_the_composed_pixels(sid
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision.transforms.functional import pil_to_tensor
 
-    data_config = {"input_size": [3, side, side], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                   "crop_pct": 1.0}
+    data_config = {
+        "input_size": [3, side, side],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
     photos = [pil_to_tensor(photo) for photo in _pillow_photos()[:4]]
     asymmetric = 0
     for hflip in (0.0, 1.0):
@@ -517,8 +598,9 @@ def test_crop_and_flip_run_directly_with_timms_draws_and_the_composed_pixels(sid
                 asymmetric += not np.array_equal(unflipped, unflipped[:, :, ::-1])
     assert asymmetric >= 2  # so the flips above were seen
     # A flip probability of 0.5 flips about half of the images.
-    cfg = load_config(None, ["data.auto_augment=null", "data.color_jitter=0", "data.hflip=0.5",
-                             "data.scale=[1,1]"]).data  # a square image: every crop is the whole of it
+    cfg = load_config(
+        None, ["data.auto_augment=null", "data.color_jitter=0", "data.hflip=0.5", "data.scale=[1,1]"]
+    ).data  # a square image: every crop is the whole of it
     transform = create_image_transform(data_config, cfg)
     square = pil_to_tensor(_pillow_photos()[0].crop((0, 0, side, side)))
     random.seed(0)
@@ -529,8 +611,13 @@ def test_crop_and_flip_run_directly_with_timms_draws_and_the_composed_pixels(sid
 def test_randaugment_keeps_timms_pil_pipeline():
     from torchvision.transforms.functional import pil_to_tensor
 
-    data_config = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                   "crop_pct": 1.0}
+    data_config = {
+        "input_size": [3, 32, 32],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
     transform = create_image_transform(data_config, load_config(None, ["data.auto_augment=rand-m9-n2"]).data)
     assert not transform.takes_tensors  # RandAugment and random interpolation exist only for PIL in timm
     photo = _pillow_photos()[0]

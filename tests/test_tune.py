@@ -22,9 +22,9 @@ import timm
 from conftest import free_port, write_digits_folders
 
 from cls_ray.config import IngestConfig, load_config
+from cls_ray.models import save_weights_file
 from cls_ray.package import read_package_meta
 from cls_ray.train.history import HISTORY_DIR
-from cls_ray.models import save_weights_file
 from cls_ray.tune.leaderboard import COMPLETED, ERRORED, STOPPED_ASHA
 from cls_ray.tune.tuner import tune
 
@@ -174,8 +174,9 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
     # With token authentication on (Ray 2.60's default once a token exists), the dashboard wants this driver's token.
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
-    request = urllib.request.Request(f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1",
-                                     headers=get_auth_headers_if_auth_enabled({}))
+    request = urllib.request.Request(
+        f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1", headers=get_auth_headers_if_auth_enabled({})
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         runs = json.loads(response.read())["train_runs"]
     assert {row["trial"] for row in board} <= {run["name"] for run in runs}

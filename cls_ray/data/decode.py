@@ -64,8 +64,12 @@ def decode_stored_image(data: bytes, max_pixels: int, *, as_tensor: bool = False
         return torch.from_numpy(pixels).permute(2, 0, 1) if as_tensor else Image.fromarray(pixels, "RGB")
     try:
         img = Image.open(io.BytesIO(data))
-        if (img.format in ("PNG", "JPEG") and img.mode in _PLAIN_MODES and img.size[0] * img.size[1] <= max_pixels
-                and not any(key in img.info for key in _SLOW_PATH_KEYS)):
+        if (
+            img.format in ("PNG", "JPEG")
+            and img.mode in _PLAIN_MODES
+            and img.size[0] * img.size[1] <= max_pixels
+            and not any(key in img.info for key in _SLOW_PATH_KEYS)
+        ):
             if as_tensor:
                 return decode_to_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             return img.convert("RGB")

@@ -49,7 +49,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise DatasetSourceError(f"{path}: not an IDX file of unsigned bytes")
     ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise DatasetSourceError(f"{path}: truncated IDX file ({body.size} bytes for shape {shape})")
@@ -57,9 +57,11 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def _missing_hint(source_dir: str, missing: list[str]) -> str:
-    return (f"Fashion-MNIST files missing in {source_dir}: {', '.join(missing)}. Install them with "
-            f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, files in {DEFAULT_SOURCE}), or download the "
-            f"four .gz files from {OFFICIAL_URL} into a directory and pass it with --source DIR")
+    return (
+        f"Fashion-MNIST files missing in {source_dir}: {', '.join(missing)}. Install them with "
+        f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, files in {DEFAULT_SOURCE}), or download the "
+        f"four .gz files from {OFFICIAL_URL} into a directory and pass it with --source DIR"
+    )
 
 
 def load_split(source_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +70,9 @@ def load_split(source_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(os.path.join(source_dir, images_name))
     labels = read_idx(os.path.join(source_dir, labels_name))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DatasetSourceError(f"{source_dir}: {images_name} {images.shape} and {labels_name} {labels.shape} "
-                                 f"do not match")
+        raise DatasetSourceError(
+            f"{source_dir}: {images_name} {images.shape} and {labels_name} {labels.shape} do not match"
+        )
     if labels.max(initial=0) >= len(CLASSES):
         raise DatasetSourceError(f"{source_dir}/{labels_name}: label {labels.max()} out of range")
     return images, labels
@@ -96,8 +99,9 @@ def _jobs(dest: str, split: str, images: np.ndarray, labels: np.ndarray, indices
     return [(storage.join(dest, split, CLASSES[labels[i]], f"{i:05d}.png"), images[i]) for i in indices]
 
 
-def write_fashion_mnist(dest: str, source_dir: str | None = None, limit_per_class: int | None = None,
-                        num_workers: int | None = None) -> dict[str, Any]:
+def write_fashion_mnist(
+    dest: str, source_dir: str | None = None, limit_per_class: int | None = None, num_workers: int | None = None
+) -> dict[str, Any]:
     """Write Fashion-MNIST as ``DEST/{train,test}/<class>/NNNNN.png``; skipped when DEST is already complete.
 
     Args:
@@ -135,8 +139,13 @@ def write_fashion_mnist(dest: str, source_dir: str | None = None, limit_per_clas
     _run_jobs(jobs, num_workers or os.cpu_count() or 1)
     result = {**wanted, "counts": counts}
     storage.write_bytes(marker_uri, json.dumps(result, indent=2, sort_keys=True).encode())
-    logger.info("wrote Fashion-MNIST to %s: %d train + %d test PNGs in %d class folders", dest, counts["train"],
-                counts["test"], len(CLASSES))
+    logger.info(
+        "wrote Fashion-MNIST to %s: %d train + %d test PNGs in %d class folders",
+        dest,
+        counts["train"],
+        counts["test"],
+        len(CLASSES),
+    )
     return result
 
 
@@ -144,7 +153,7 @@ def _run_jobs(jobs: list, num_workers: int) -> None:
     from tqdm import tqdm
 
     chunk = 2000
-    chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
+    chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
     with tqdm(total=len(jobs), desc="writing PNGs", unit="img", disable=None) as bar:
         if num_workers <= 1 or len(chunks) <= 1:
             for part in chunks:

@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 BETON_NAME = "data.beton"
 WRITER_ROWS_PER_PROCESS = 1000
-FFCV_INSTALL_HINT = ("pip install 'cls-ray[ffcv]' (it builds from source: apt-get install libopencv-dev "
-                     "libturbojpeg0-dev pkg-config first)")
+FFCV_INSTALL_HINT = (
+    "pip install 'cls-ray[ffcv]' (it builds from source: apt-get install libopencv-dev "
+    "libturbojpeg0-dev pkg-config first)"
+)
 
 
 def require_ffcv(what: str) -> None:
@@ -76,9 +78,12 @@ def ffcv_fields(cfg: IngestConfig) -> dict[str, Any]:
 
     smart = cfg.ffcv_write_mode == "smart"
     return {
-        "image": RGBImageField(write_mode=cfg.ffcv_write_mode, max_resolution=cfg.ffcv_max_resolution,
-                               smart_threshold=cfg.ffcv_smart_threshold if smart else None,
-                               jpeg_quality=cfg.jpeg_quality),
+        "image": RGBImageField(
+            write_mode=cfg.ffcv_write_mode,
+            max_resolution=cfg.ffcv_max_resolution,
+            smart_threshold=cfg.ffcv_smart_threshold if smart else None,
+            jpeg_quality=cfg.jpeg_quality,
+        ),
         "label": IntField(),
     }
 
@@ -104,20 +109,32 @@ def write_beton(dataset_uri: str, split: str, rows: SpoolImages, cfg: IngestConf
     with tempfile.TemporaryDirectory(prefix="cls-ray-ffcv-") as tmp:
         local = os.path.join(tmp, BETON_NAME)
         DatasetWriter(local, ffcv_fields(cfg), page_size=page_size, num_workers=workers).from_indexed_dataset(
-            rows, chunksize=max(1, min(100, len(rows) // workers)))
+            rows, chunksize=max(1, min(100, len(rows) // workers))
+        )
         size = os.path.getsize(local)
         storage.copy_file(local, uri)
     logger.info("wrote %s: %d rows, %.1f MB", uri, len(rows), size / 2**20)
     return {"path": rel, "num_rows": len(rows), "bytes": size}
 
 
-def write_beton_from_bytes(dataset_uri: str, split: str, images: list[bytes], labels: list[int],
-                           ffcv_settings: dict[str, Any], jpeg_quality: int, max_pixels: int) -> dict[str, Any]:
+def write_beton_from_bytes(
+    dataset_uri: str,
+    split: str,
+    images: list[bytes],
+    labels: list[int],
+    ffcv_settings: dict[str, Any],
+    jpeg_quality: int,
+    max_pixels: int,
+) -> dict[str, Any]:
     """:func:`write_beton` from encoded images in memory, with a manifest's ``ffcv`` settings (a dataset subset)."""
-    cfg = IngestConfig(ffcv=True, ffcv_write_mode=ffcv_settings["write_mode"],
-                       ffcv_max_resolution=ffcv_settings.get("max_resolution"),
-                       ffcv_smart_threshold=ffcv_settings.get("smart_threshold") or IngestConfig.ffcv_smart_threshold,
-                       jpeg_quality=jpeg_quality, max_pixels=max_pixels)
+    cfg = IngestConfig(
+        ffcv=True,
+        ffcv_write_mode=ffcv_settings["write_mode"],
+        ffcv_max_resolution=ffcv_settings.get("max_resolution"),
+        ffcv_smart_threshold=ffcv_settings.get("smart_threshold") or IngestConfig.ffcv_smart_threshold,
+        jpeg_quality=jpeg_quality,
+        max_pixels=max_pixels,
+    )
     with tempfile.TemporaryFile(prefix="cls-ray-ffcv-") as spool:
         entries = []
         for data, label in zip(images, labels, strict=True):
@@ -135,9 +152,11 @@ def beton_uri(dataset_uri: str, manifest: dict[str, Any], split: str) -> str:
     """
     entry = manifest.get("ffcv", {}).get("splits", {}).get(split)
     if not entry:
-        raise ConfigError(f"data.format: 'ffcv' needs the FFCV files of the dataset, and {dataset_uri} has no "
-                          f"{split!r} .beton (ingested without ingest.ffcv); re-ingest with `cls-ray ingest --set "
-                          f"ingest.ffcv=true --overwrite`, or use data.format=parquet")
+        raise ConfigError(
+            f"data.format: 'ffcv' needs the FFCV files of the dataset, and {dataset_uri} has no "
+            f"{split!r} .beton (ingested without ingest.ffcv); re-ingest with `cls-ray ingest --set "
+            f"ingest.ffcv=true --overwrite`, or use data.format=parquet"
+        )
     return storage.join(dataset_uri, *entry["path"].split("/"))
 
 
@@ -193,8 +212,14 @@ class FFCVTrainBatches:
         threads = cfg.data.ffcv_workers or max(1, int(cfg.train.cpus_per_worker))
         self.device = device
         self.loader = Loader(
-            path, batch_size=cfg.data.batch_size, num_workers=threads, order=OrderOption.RANDOM,
-            distributed=world > 1, seed=cfg.train.seed, drop_last=True, os_cache=True,
+            path,
+            batch_size=cfg.data.batch_size,
+            num_workers=threads,
+            order=OrderOption.RANDOM,
+            distributed=world > 1,
+            seed=cfg.train.seed,
+            drop_last=True,
+            os_cache=True,
             batches_ahead=max(1, cfg.data.prefetch_batches),
             pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]},
         )

@@ -86,8 +86,17 @@ def inspect_image(data: bytes, max_pixels: int) -> DecodedImage:
             raise ImageDecodeError("not_an_image", "not a recognised image format") from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise ImageDecodeError("corrupt", f"corrupt or truncated image: {exc}") from None
-        except (MemoryError, RecursionError, IndexError, KeyError, TypeError, ZeroDivisionError,
-                AttributeError, RuntimeError, NotImplementedError) as exc:
+        except (
+            MemoryError,
+            RecursionError,
+            IndexError,
+            KeyError,
+            TypeError,
+            ZeroDivisionError,
+            AttributeError,
+            RuntimeError,
+            NotImplementedError,
+        ) as exc:
             raise ImageDecodeError("decoder_error", f"the decoder failed: {type(exc).__name__}: {exc}") from None
 
 

@@ -86,26 +86,39 @@ def _existing_dataset(src: str, dest: str, cfg: IngestConfig) -> dict[str, Any] 
         return None
     missing = _missing_shards(dest, manifest)
     if missing:
-        logger.warning("%s: manifest.json lists %d shard(s) that are gone (%s); rewriting the dataset", dest,
-                       len(missing), missing[0])
+        logger.warning(
+            "%s: manifest.json lists %d shard(s) that are gone (%s); rewriting the dataset",
+            dest,
+            len(missing),
+            missing[0],
+        )
         return None
     wanted = {"source": src, "seed": cfg.seed, "max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality}
-    found = {"source": manifest.get("source"), "seed": manifest.get("split", {}).get("seed"),
-             "max_side": manifest.get("encoding", {}).get("max_side"),
-             "jpeg_quality": manifest.get("encoding", {}).get("jpeg_quality")}
+    found = {
+        "source": manifest.get("source"),
+        "seed": manifest.get("split", {}).get("seed"),
+        "max_side": manifest.get("encoding", {}).get("max_side"),
+        "jpeg_quality": manifest.get("encoding", {}).get("jpeg_quality"),
+    }
     differs = [f"{k}: {found[k]!r} there, {wanted[k]!r} asked" for k in wanted if found[k] != wanted[k]]
     if differs:
-        logger.warning("%s was ingested with other settings (%s); keeping it (pass --overwrite to rewrite it)", dest,
-                       "; ".join(differs))
-    logger.info("%s already holds a complete dataset (%d classes); nothing to do (pass --overwrite to rewrite it)",
-                dest, len(manifest["classes"]))
+        logger.warning(
+            "%s was ingested with other settings (%s); keeping it (pass --overwrite to rewrite it)",
+            dest,
+            "; ".join(differs),
+        )
+    logger.info(
+        "%s already holds a complete dataset (%d classes); nothing to do (pass --overwrite to rewrite it)",
+        dest,
+        len(manifest["classes"]),
+    )
     return manifest
 
 
 def _missing_shards(dest: str, manifest: dict[str, Any]) -> list[str]:
     _, root = storage.resolve(dest)
     try:
-        present = {info.path[len(root):].lstrip("/").replace(os.sep, "/") for info in storage.list_files(dest)}
+        present = {info.path[len(root) :].lstrip("/").replace(os.sep, "/") for info in storage.list_files(dest)}
     except storage.StorageError as exc:
         raise IngestError(f"cannot list DEST: {exc}") from None
     listed = [shard["path"] for split in manifest["splits"].values() for shard in split["shards"]]
@@ -134,8 +147,10 @@ def _check_dest(dest: str, src: str) -> None:
         raise IngestError(f"cannot list DEST: {storage.describe_error(dest, exc)}") from None
     foreign = sorted(e.base_name for e in entries if e.base_name not in _OWN_ENTRIES and e.base_name != _PROBE)
     if foreign:
-        raise IngestError(f"DEST {dest} is not empty and not a cls-ray dataset (it holds {', '.join(foreign[:5])}); "
-                          f"choose an empty or new location")
+        raise IngestError(
+            f"DEST {dest} is not empty and not a cls-ray dataset (it holds {', '.join(foreign[:5])}); "
+            f"choose an empty or new location"
+        )
 
 
 def _clear_dest(dest: str) -> None:
@@ -167,24 +182,30 @@ def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[
                 items.append(Item(f.path, labels[f.class_name], result["sha256"], f.split))
                 facts[f.path] = {"where": spool.put(result.pop("image")), **result}
         except RuntimeError as exc:  # pebble: the pool itself could not start its workers
-            raise IngestError(f"the validation worker processes failed to start ({exc}); a script that calls "
-                              f"ingest() must guard its entry point with `if __name__ == '__main__':`") from None
+            raise IngestError(
+                f"the validation worker processes failed to start ({exc}); a script that calls "
+                f"ingest() must guard its entry point with `if __name__ == '__main__':`"
+            ) from None
     skipped.sort(key=lambda s: s["path"])
     return items, facts, skipped
 
 
 def _check_classes(items: list[Item], classes: list[str], cfg: IngestConfig, src: str) -> None:
     if len(classes) < 2:
-        raise IngestError(f"SRC {src} has {len(classes)} class folder ({', '.join(classes)}); a classifier needs "
-                          f"at least 2 (one subfolder per class)")
+        raise IngestError(
+            f"SRC {src} has {len(classes)} class folder ({', '.join(classes)}); a classifier needs "
+            f"at least 2 (one subfolder per class)"
+        )
     counts = [0] * len(classes)
     for it in items:
         counts[it.label] += 1
     short = [f"{classes[i]} ({n})" for i, n in enumerate(counts) if n < cfg.min_images_per_class]
     if short:
-        raise IngestError(f"in SRC {src}, these classes have fewer than ingest.min_images_per_class="
-                          f"{cfg.min_images_per_class} valid images: {', '.join(short)}; add images or remove "
-                          f"the folders (the manifest's skipped list says why files were refused)")
+        raise IngestError(
+            f"in SRC {src}, these classes have fewer than ingest.min_images_per_class="
+            f"{cfg.min_images_per_class} valid images: {', '.join(short)}; add images or remove "
+            f"the folders (the manifest's skipped list says why files were refused)"
+        )
 
 
 def _warn_missing(splits: dict[str, list[Item]], classes: list[str]) -> None:
@@ -192,16 +213,25 @@ def _warn_missing(splits: dict[str, list[Item]], classes: list[str]) -> None:
         present = {it.label for it in items}
         missing = [name for i, name in enumerate(classes) if i not in present]
         if items and missing:
-            logger.warning("split %s has no image of %d class(es): %s (fewer than 3 images, or none given in a "
-                           "pre-split tree)", split, len(missing), ", ".join(missing[:10]))
+            logger.warning(
+                "split %s has no image of %d class(es): %s (fewer than 3 images, or none given in a pre-split tree)",
+                split,
+                len(missing),
+                ", ".join(missing[:10]),
+            )
 
 
-def _write_shards(dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool,
-                  num_classes: int, cfg: IngestConfig) -> dict[str, dict]:
+def _write_shards(
+    dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool, num_classes: int, cfg: IngestConfig
+) -> dict[str, dict]:
     out = {}
     for split in SPLIT_DIRS:
-        rows = (Row(spool.get(facts[it.path]["where"]), it.label, it.path, facts[it.path]["width"],
-                    facts[it.path]["height"]) for it in shard_order(splits[split], cfg.seed, split))
+        rows = (
+            Row(
+                spool.get(facts[it.path]["where"]), it.label, it.path, facts[it.path]["width"], facts[it.path]["height"]
+            )
+            for it in shard_order(splits[split], cfg.seed, split)
+        )
         try:
             out[split] = write_split(dest, split, rows, num_classes, cfg.shard_size_mb * 1024 * 1024)
         except OSError as exc:
@@ -210,8 +240,9 @@ def _write_shards(dest: str, splits: dict[str, list[Item]], facts: dict[str, dic
     return out
 
 
-def _write_betons(dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool,
-                  cfg: IngestConfig) -> dict[str, Any]:
+def _write_betons(
+    dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool, cfg: IngestConfig
+) -> dict[str, Any]:
     """FFCV .beton files of the non-empty splits, rows in the Parquet shards' order (``ingest.ffcv``)."""
     from cls_ray.data.ffcv_format import SpoolImages, write_beton
 
@@ -225,16 +256,26 @@ def _write_betons(dest: str, splits: dict[str, list[Item]], facts: dict[str, dic
             out[split] = write_beton(dest, split, SpoolImages(fd, entries, cfg.max_pixels), cfg)
         except OSError as exc:
             raise IngestError(f"writing the {split} FFCV file failed: {storage.describe_error(dest, exc)}") from None
-    return {"write_mode": cfg.ffcv_write_mode, "max_resolution": cfg.ffcv_max_resolution,
-            "smart_threshold": cfg.ffcv_smart_threshold if cfg.ffcv_write_mode == "smart" else None, "splits": out}
+    return {
+        "write_mode": cfg.ffcv_write_mode,
+        "max_resolution": cfg.ffcv_max_resolution,
+        "smart_threshold": cfg.ffcv_smart_threshold if cfg.ffcv_write_mode == "smart" else None,
+        "splits": out,
+    }
 
 
 def _encoding_summary(kept: list[Item], facts: dict[str, dict], cfg: IngestConfig) -> dict[str, Any]:
     kinds = [facts[it.path]["encoding"] for it in kept]
-    return {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "max_pixels": cfg.max_pixels,
-            "kept_original": kinds.count("original"), "reencoded": len(kinds) - kinds.count("original"),
-            "reencoded_jpeg": kinds.count("jpeg"), "reencoded_png": kinds.count("png"),
-            "resized": sum(1 for it in kept if facts[it.path]["resized"])}
+    return {
+        "max_side": cfg.max_side,
+        "jpeg_quality": cfg.jpeg_quality,
+        "max_pixels": cfg.max_pixels,
+        "kept_original": kinds.count("original"),
+        "reencoded": len(kinds) - kinds.count("original"),
+        "reencoded_jpeg": kinds.count("jpeg"),
+        "reencoded_png": kinds.count("png"),
+        "resized": sum(1 for it in kept if facts[it.path]["resized"]),
+    }
 
 
 def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> dict[str, Any]:
@@ -270,8 +311,11 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         _check_classes(items, scan.classes, cfg, src)
         kept, duplicates = resolve_duplicates(items, scan.classes)
         _check_classes(kept, scan.classes, cfg, src)
-        fractions = {"train": round(1 - cfg.val_fraction - cfg.test_fraction, 6), "val": cfg.val_fraction,
-                     "test": cfg.test_fraction}
+        fractions = {
+            "train": round(1 - cfg.val_fraction - cfg.test_fraction, 6),
+            "val": cfg.val_fraction,
+            "test": cfg.test_fraction,
+        }
         splits, carved = assign_splits(kept, len(scan.classes), fractions, cfg.seed, scan.presplit)
         _warn_missing(splits, scan.classes)
         _clear_dest(dest)
@@ -283,13 +327,24 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         "format_version": MANIFEST_FORMAT_VERSION,
         "classes": scan.classes,
         "splits": split_entries,
-        "split": {"seed": cfg.seed, "fractions": fractions, "presplit": scan.presplit,
-                  "presplit_given": scan.splits_present, "carved": carved},
+        "split": {
+            "seed": cfg.seed,
+            "fractions": fractions,
+            "presplit": scan.presplit,
+            "presplit_given": scan.splits_present,
+            "carved": carved,
+        },
         "encoding": _encoding_summary(kept, facts, cfg),
         "skipped": skipped,
         "duplicates": duplicates,
-        "counts": {"files": len(scan.files), "valid": len(items), "kept": len(kept), "skipped": len(skipped),
-                   "duplicates_dropped": len(items) - len(kept), "hidden_ignored": scan.hidden_ignored},
+        "counts": {
+            "files": len(scan.files),
+            "valid": len(items),
+            "kept": len(kept),
+            "skipped": len(skipped),
+            "duplicates_dropped": len(items) - len(kept),
+            "hidden_ignored": scan.hidden_ignored,
+        },
         "source": src,
     }
     if betons is not None:

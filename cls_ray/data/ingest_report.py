@@ -35,8 +35,9 @@ def _class_table(manifest: dict[str, Any]) -> Table:
     table.add_section()
     table.add_row("", "all", *(str(splits[s]["num_rows"]) for s in SPLITS), str(sum(totals)))
     ratio = imbalance_ratio(totals)
-    table.caption = (f"imbalance ratio (largest / smallest class): {ratio:.2f}; shards: "
-                     + ", ".join(f"{s} {len(splits[s]['shards'])}" for s in SPLITS))
+    table.caption = f"imbalance ratio (largest / smallest class): {ratio:.2f}; shards: " + ", ".join(
+        f"{s} {len(splits[s]['shards'])}" for s in SPLITS
+    )
     return table
 
 
@@ -59,10 +60,12 @@ def _duplicates_line(manifest: dict[str, Any]) -> str:
     conflicts = sum(1 for d in dups if d["label_conflict"])
     dropped = sum(len(d["paths"]) - (0 if d["label_conflict"] else 1) for d in dups)
     enc = manifest.get("encoding", {})
-    return (f"duplicates: {len(dups)} groups of identical files ({conflicts} with a label conflict, all copies "
-            f"dropped); {dropped} files dropped.  encoding: {enc.get('kept_original', 0)} kept as is, "
-            f"{enc.get('reencoded', 0)} re-encoded ({enc.get('resized', 0)} resized to max side "
-            f"{enc.get('max_side')})")
+    return (
+        f"duplicates: {len(dups)} groups of identical files ({conflicts} with a label conflict, all copies "
+        f"dropped); {dropped} files dropped.  encoding: {enc.get('kept_original', 0)} kept as is, "
+        f"{enc.get('reencoded', 0)} re-encoded ({enc.get('resized', 0)} resized to max side "
+        f"{enc.get('max_side')})"
+    )
 
 
 def print_summary(manifest: dict[str, Any], console: Console | None = None) -> None:
@@ -75,6 +78,7 @@ def print_summary(manifest: dict[str, Any], console: Console | None = None) -> N
     console.print(_duplicates_line(manifest))
     ffcv = manifest.get("ffcv")
     if ffcv:
-        files = ", ".join(f"{split} {e['num_rows']} rows {e['bytes'] / 2**20:.1f} MB" for split, e in
-                          ffcv["splits"].items())
+        files = ", ".join(
+            f"{split} {e['num_rows']} rows {e['bytes'] / 2**20:.1f} MB" for split, e in ffcv["splits"].items()
+        )
         console.print(f"FFCV files ({ffcv['write_mode']}): {files}")

@@ -68,8 +68,10 @@ def read_manifest(dataset_uri: str) -> dict[str, Any]:
         raise ManifestError(f"{uri}: the manifest must be a JSON object")
     version = manifest.get("format_version")
     if version != MANIFEST_FORMAT_VERSION:
-        raise ManifestError(f"{uri}: unknown manifest format_version {version!r}; this cls-ray reads version "
-                            f"{MANIFEST_FORMAT_VERSION} (re-ingest with this version, or use the matching cls-ray)")
+        raise ManifestError(
+            f"{uri}: unknown manifest format_version {version!r}; this cls-ray reads version "
+            f"{MANIFEST_FORMAT_VERSION} (re-ingest with this version, or use the matching cls-ray)"
+        )
     for key in ("classes", "splits"):
         if key not in manifest:
             raise ManifestError(f"{uri}: the manifest has no {key!r} key; re-run `cls-ray ingest --overwrite`")

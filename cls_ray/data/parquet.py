@@ -15,13 +15,15 @@ import pyarrow.parquet as pq
 
 from cls_ray import storage
 
-SCHEMA = pa.schema([
-    pa.field("image", pa.binary()),
-    pa.field("label", pa.int64()),
-    pa.field("path", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-])
+SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.binary()),
+        pa.field("label", pa.int64()),
+        pa.field("path", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
 ROW_GROUP_ROWS = 1024
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 
@@ -43,10 +45,14 @@ class _Batch:
     nbytes: int = 0
 
     def table(self) -> pa.Table:
-        columns = ([r.image for r in self.rows], [r.label for r in self.rows], [r.path for r in self.rows],
-                   [r.width for r in self.rows], [r.height for r in self.rows])
-        return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SCHEMA, strict=True)],
-                                    schema=SCHEMA)
+        columns = (
+            [r.image for r in self.rows],
+            [r.label for r in self.rows],
+            [r.path for r in self.rows],
+            [r.width for r in self.rows],
+            [r.height for r in self.rows],
+        )
+        return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA)
 
 
 class ShardWriter:
@@ -76,9 +82,14 @@ class ShardWriter:
         fs, path = storage.resolve(uri)
         if not storage.is_remote(uri):
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        self._writer = pq.ParquetWriter(path, SCHEMA, filesystem=fs, compression={
-            "image": "NONE", "label": "ZSTD", "path": "ZSTD", "width": "ZSTD", "height": "ZSTD"},
-            use_dictionary=["label"], write_statistics=["label", "width", "height"])
+        self._writer = pq.ParquetWriter(
+            path,
+            SCHEMA,
+            filesystem=fs,
+            compression={"image": "NONE", "label": "ZSTD", "path": "ZSTD", "width": "ZSTD", "height": "ZSTD"},
+            use_dictionary=["label"],
+            write_statistics=["label", "width", "height"],
+        )
         self.shards.append({"path": rel, "num_rows": 0, "class_counts": [0] * self.num_classes})
         self._shard_bytes = 0
 

@@ -63,8 +63,11 @@ def import_decoders() -> tuple[Callable, Callable]:
     except KeyboardInterrupt:
         if not _in_ray_worker():
             raise
-        logger.warning("decode worker %d interrupted while importing torch/timm; exiting so that Ray does not reuse "
-                       "a half-imported process", os.getpid())
+        logger.warning(
+            "decode worker %d interrupted while importing torch/timm; exiting so that Ray does not reuse "
+            "a half-imported process",
+            os.getpid(),
+        )
         logging.shutdown()
         os._exit(1)
     return decode_stored_image, create_image_transform
@@ -91,8 +94,7 @@ class DecodeBatch:
         max_pixels: Refuse images with more pixels (ingest validated them already; this is defence in depth).
     """
 
-    def __init__(self, data_config: dict[str, Any], data_cfg: DataConfig | None = None,
-                 max_pixels: int = 64_000_000):
+    def __init__(self, data_config: dict[str, Any], data_cfg: DataConfig | None = None, max_pixels: int = 64_000_000):
         self.data_config = data_config
         self.data_cfg = data_cfg
         self.max_pixels = max_pixels
@@ -167,8 +169,9 @@ def decode_block_rows(num_rows: int, row_bytes: int = 0) -> int:
     return int(even if even >= min(rows, MIN_BLOCK_ROWS) else rows)
 
 
-def read_split(data_uri: str, manifest: dict[str, Any], split: str, *, cache: str = "never",
-               block_rows: int | None = None) -> ray.data.Dataset:
+def read_split(
+    data_uri: str, manifest: dict[str, Any], split: str, *, cache: str = "never", block_rows: int | None = None
+) -> ray.data.Dataset:
     """The ``image`` and ``label`` columns of one split's Parquet shards: lazy, or cached in Ray's object store.
 
     Args:
@@ -215,8 +218,9 @@ def _split_block_rows(manifest: dict[str, Any], split: str, data_config: dict[st
     return decode_block_rows(manifest["splits"][split]["num_rows"], math.prod(data_config["input_size"]))
 
 
-def read_shared_splits(data_uri: str, manifest: dict[str, Any], splits: tuple[str, ...],
-                       data_config: dict[str, Any], cfg: DataConfig) -> dict[str, SharedSplit]:
+def read_shared_splits(
+    data_uri: str, manifest: dict[str, Any], splits: tuple[str, ...], data_config: dict[str, Any], cfg: DataConfig
+) -> dict[str, SharedSplit]:
     """Read ``splits`` once for the runs to come (see :class:`SharedSplit`), blocked for ``data_config``'s input
     size and cached as ``cfg.cache`` says."""
     out = {}
@@ -227,8 +231,14 @@ def read_shared_splits(data_uri: str, manifest: dict[str, Any], splits: tuple[st
     return out
 
 
-def _encoded_rows(data_uri: str, manifest: dict[str, Any], split: str, data_config: dict[str, Any],
-                  cfg: DataConfig, shared: Mapping[str, SharedSplit] | None) -> ray.data.Dataset:
+def _encoded_rows(
+    data_uri: str,
+    manifest: dict[str, Any],
+    split: str,
+    data_config: dict[str, Any],
+    cfg: DataConfig,
+    shared: Mapping[str, SharedSplit] | None,
+) -> ray.data.Dataset:
     block_rows = _split_block_rows(manifest, split, data_config)
     hit = (shared or {}).get(split)
     if hit is not None and (hit.data_uri, hit.block_rows) == (data_uri, block_rows):
@@ -242,14 +252,26 @@ def _fits_object_store(filesystem: Any, paths: list[str], what: str) -> bool:
     size = sum(info.size or 0 for info in filesystem.get_file_info(paths))
     store = ray.cluster_resources().get("object_store_memory", 0)
     fits = size <= CACHE_FRACTION * store
-    logger.info("%s: %.1f MB of shards, %s in the object store (%.0f MB)", what, size / 2**20,
-                "cached" if fits else "streamed, not cached,", store / 2**20)
+    logger.info(
+        "%s: %.1f MB of shards, %s in the object store (%.0f MB)",
+        what,
+        size / 2**20,
+        "cached" if fits else "streamed, not cached,",
+        store / 2**20,
+    )
     return fits
 
 
-def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: dict[str, Any], cfg: DataConfig,
-                        *, seed: int = 0, max_pixels: int = 64_000_000,
-                        shared: Mapping[str, SharedSplit] | None = None) -> ray.data.Dataset:
+def build_train_dataset(
+    data_uri: str,
+    manifest: dict[str, Any],
+    data_config: dict[str, Any],
+    cfg: DataConfig,
+    *,
+    seed: int = 0,
+    max_pixels: int = 64_000_000,
+    shared: Mapping[str, SharedSplit] | None = None,
+) -> ray.data.Dataset:
     """The train split: (balanced resample) -> shuffle -> decode + augment, re-run every epoch.
 
     With ``cfg.shuffle == "global"`` the encoded rows get a full shuffle seeded by ``seed`` and the epoch index
@@ -272,9 +294,16 @@ def build_train_dataset(data_uri: str, manifest: dict[str, Any], data_config: di
     return _decode(ds, DecodeBatch(data_config, cfg, max_pixels), cfg)
 
 
-def build_eval_dataset(data_uri: str, manifest: dict[str, Any], split: str, data_config: dict[str, Any],
-                       cfg: DataConfig, *, max_pixels: int = 64_000_000,
-                       shared: Mapping[str, SharedSplit] | None = None) -> ray.data.Dataset:
+def build_eval_dataset(
+    data_uri: str,
+    manifest: dict[str, Any],
+    split: str,
+    data_config: dict[str, Any],
+    cfg: DataConfig,
+    *,
+    max_pixels: int = 64_000_000,
+    shared: Mapping[str, SharedSplit] | None = None,
+) -> ray.data.Dataset:
     """A validation or test split: decode + resize + center crop, in manifest order, no augmentation
     (``shared[split]`` as in :func:`build_train_dataset`)."""
     ds = _encoded_rows(data_uri, manifest, split, data_config, cfg, shared)
@@ -301,10 +330,14 @@ def _decode(ds: ray.data.Dataset, fn: DecodeBatch, cfg: DataConfig) -> ray.data.
     # Data's batcher first concatenates such a block into one chunk, copying every decoded pixel once more on the
     # consumer (~50 us per 224 px image, half of a 2-core run's consumer CPU). Blocks are at most BLOCK_ROWS rows and
     # Ray Data's target block size decoded (decode_block_rows).
-    return ds.map_batches(fn, batch_format="numpy", batch_size=None,
-                          num_cpus=cfg.decode_cpus,
-                          compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
-                          udf_modifying_row_count=False)
+    return ds.map_batches(
+        fn,
+        batch_format="numpy",
+        batch_size=None,
+        num_cpus=cfg.decode_cpus,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+        udf_modifying_row_count=False,
+    )
 
 
 def as_nchw(images: torch.Tensor) -> torch.Tensor:
@@ -318,8 +351,9 @@ def _nchw(batches: Any) -> Iterator[dict[str, torch.Tensor]]:
         yield batch
 
 
-def iter_train_batches(shard: ray.data.DataIterator, cfg: DataConfig,
-                       device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def iter_train_batches(
+    shard: ray.data.DataIterator, cfg: DataConfig, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
     """Full uint8 batches of one worker's train shard on ``device``: ``{"image": NCHW uint8, "label": int64}``.
 
     ``drop_last`` keeps every DDP rank at the same number of equally sized steps (Ray Train splits the train
@@ -327,18 +361,30 @@ def iter_train_batches(shard: ray.data.DataIterator, cfg: DataConfig,
     """
     import torch
 
-    return _nchw(shard.iter_torch_batches(
-        batch_size=cfg.batch_size, drop_last=True, device=device, prefetch_batches=cfg.prefetch_batches,
-        dtypes={"image": torch.uint8, "label": torch.int64},
-        local_shuffle_buffer_size=cfg.local_shuffle_buffer if cfg.shuffle == "local" else None,
-    ))
+    return _nchw(
+        shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            device=device,
+            prefetch_batches=cfg.prefetch_batches,
+            dtypes={"image": torch.uint8, "label": torch.int64},
+            local_shuffle_buffer_size=cfg.local_shuffle_buffer if cfg.shuffle == "local" else None,
+        )
+    )
 
 
-def iter_eval_batches(shard: ray.data.DataIterator, cfg: DataConfig,
-                      device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def iter_eval_batches(
+    shard: ray.data.DataIterator, cfg: DataConfig, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
     """Every row of one worker's evaluation shard, in batches of ``cfg.eval_batch_size`` (NCHW, as above)."""
     import torch
 
-    return _nchw(shard.iter_torch_batches(batch_size=cfg.eval_batch_size, drop_last=False, device=device,
-                                          prefetch_batches=cfg.prefetch_batches,
-                                          dtypes={"image": torch.uint8, "label": torch.int64}))
+    return _nchw(
+        shard.iter_torch_batches(
+            batch_size=cfg.eval_batch_size,
+            drop_last=False,
+            device=device,
+            prefetch_batches=cfg.prefetch_batches,
+            dtypes={"image": torch.uint8, "label": torch.int64},
+        )
+    )

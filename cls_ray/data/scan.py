@@ -79,11 +79,18 @@ def _list_local(src: str) -> _Listing:
             elif os.path.islink(full):
                 inside = _inside(os.path.realpath(full), root)
                 reason = "symlink_dir" if inside else "symlink_outside_source"
-                skipped.append({"path": _printable(rel_dir + name), "reason": reason,
-                                "detail": "symlinked directories are not followed" if inside
-                                else "the symlink leads outside SRC; not followed"})
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d)))
+                skipped.append(
+                    {
+                        "path": _printable(rel_dir + name),
+                        "reason": reason,
+                        "detail": "symlinked directories are not followed"
+                        if inside
+                        else "the symlink leads outside SRC; not followed",
+                    }
+                )
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d))
+        )
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
             if name.startswith("."):
@@ -128,7 +135,7 @@ def _list_remote(src: str) -> _Listing:
     pairs: list[tuple[str, str]] = []
     hidden = 0
     for info in storage.list_files(prefix):
-        rel = info.path[len(base):].lstrip("/")
+        rel = info.path[len(base) :].lstrip("/")
         if not rel:
             continue
         if _is_hidden(rel):
@@ -176,16 +183,29 @@ def scan_source(src: str) -> ScanResult:
         parts = rel.split("/")
         if len(parts) <= depth:
             where = "a split folder" if presplit and len(parts) == 2 else "SRC"
-            skipped.append({"path": rel, "reason": "not_in_class_folder",
-                            "detail": f"a file directly in {where}, not in a class folder"})
+            skipped.append(
+                {
+                    "path": rel,
+                    "reason": "not_in_class_folder",
+                    "detail": f"a file directly in {where}, not in a class folder",
+                }
+            )
             continue
         split = parts[0] if presplit else None
         files.append(SourceFile(uri, rel, parts[depth - 1], split))
     classes = sorted({f.class_name for f in files} | empty_classes)
     if not files:
-        raise IngestError(f"SRC {src} holds no class folders with files: expected SRC/<class>/<image> "
-                          f"(or SRC/train/<class>/<image> for a pre-split tree)")
+        raise IngestError(
+            f"SRC {src} holds no class folders with files: expected SRC/<class>/<image> "
+            f"(or SRC/train/<class>/<image> for a pre-split tree)"
+        )
     splits_present = sorted({f.split for f in files if f.split}, key=SPLIT_DIRS.index)
-    logger.info("found %d files in %d class folders under %s%s (%d hidden entries ignored)", len(files),
-                len(classes), src, f" (pre-split: {', '.join(splits_present)})" if presplit else "", hidden)
+    logger.info(
+        "found %d files in %d class folders under %s%s (%d hidden entries ignored)",
+        len(files),
+        len(classes),
+        src,
+        f" (pre-split: {', '.join(splits_present)})" if presplit else "",
+        hidden,
+    )
     return ScanResult(files, classes, presplit, splits_present, skipped, hidden)

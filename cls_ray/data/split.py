@@ -51,9 +51,15 @@ def resolve_duplicates(items: list[Item], classes: list[str]) -> tuple[list[Item
         conflict = len(labels) > 1
         if not conflict:
             kept.append(group[0])
-        duplicates.append({"sha256": digest, "paths": [it.path for it in group], "label_conflict": conflict,
-                           "classes": [classes[label] for label in labels],
-                           "kept": None if conflict else group[0].path})
+        duplicates.append(
+            {
+                "sha256": digest,
+                "paths": [it.path for it in group],
+                "label_conflict": conflict,
+                "classes": [classes[label] for label in labels],
+                "kept": None if conflict else group[0].path,
+            }
+        )
     kept.sort(key=lambda it: it.path)
     duplicates.sort(key=lambda d: d["paths"][0])
     return kept, duplicates
@@ -83,11 +89,12 @@ def split_class(paths: list[str], label: int, fractions: dict[str, float], seed:
     shuffled = _permute(sorted(paths), seed, label)
     sizes = _cut_sizes(len(shuffled), fractions)
     n_test, n_val = sizes["test"], sizes["val"]
-    return {"test": shuffled[:n_test], "val": shuffled[n_test:n_test + n_val], "train": shuffled[n_test + n_val:]}
+    return {"test": shuffled[:n_test], "val": shuffled[n_test : n_test + n_val], "train": shuffled[n_test + n_val :]}
 
 
-def assign_splits(items: list[Item], num_classes: int, fractions: dict[str, float], seed: int,
-                  presplit: bool) -> tuple[dict[str, list[Item]], list[str]]:
+def assign_splits(
+    items: list[Item], num_classes: int, fractions: dict[str, float], seed: int, presplit: bool
+) -> tuple[dict[str, list[Item]], list[str]]:
     """Assign every item to a split; returns ``({split: items sorted by path}, carved)``.
 
     For a pre-split tree the given splits are kept; each split that the tree lacks (``val`` and/or ``test``) is

@@ -52,9 +52,19 @@ def _subset_betons(manifest: dict[str, Any], tables: dict[str, pa.Table], dest: 
     settings = manifest["ffcv"]
     quality = manifest.get("encoding", {}).get("jpeg_quality", IngestConfig.jpeg_quality)
     max_pixels = manifest.get("encoding", {}).get("max_pixels", IngestConfig.max_pixels)
-    splits = {split: write_beton_from_bytes(dest, split, table.column("image").to_pylist(),
-                                            table.column("label").to_pylist(), settings, quality, max_pixels)
-              for split, table in tables.items() if table.num_rows and split in settings["splits"]}
+    splits = {
+        split: write_beton_from_bytes(
+            dest,
+            split,
+            table.column("image").to_pylist(),
+            table.column("label").to_pylist(),
+            settings,
+            quality,
+            max_pixels,
+        )
+        for split, table in tables.items()
+        if table.num_rows and split in settings["splits"]
+    }
     return {**settings, "splits": splits}
 
 
@@ -73,8 +83,11 @@ def write_subset(data_uri: str, dest: str, per_class: int) -> dict[str, Any]:
     except ValueError:
         pass
     written = {split: _subset_split(data_uri, manifest, split, dest, per_class) for split in manifest["splits"]}
-    subset = {**manifest, "splits": {split: entry for split, (entry, _) in written.items()},
-              "subset_of": {"uri": data_uri, "digest": source_digest, "per_class": per_class}}
+    subset = {
+        **manifest,
+        "splits": {split: entry for split, (entry, _) in written.items()},
+        "subset_of": {"uri": data_uri, "digest": source_digest, "per_class": per_class},
+    }
     if "ffcv" in manifest:
         subset["ffcv"] = _subset_betons(manifest, {split: table for split, (_, table) in written.items()}, dest)
     write_manifest(dest, subset)

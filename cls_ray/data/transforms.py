@@ -112,9 +112,15 @@ class RandomResizedCropUint8(v2.RandomResizedCrop):
 
     def _opencv_crop(self, inpt: Any, params: dict[str, Any]) -> np.ndarray | None:
         """The crop as an HWC array view when OpenCV resizes it (see the class docstring), else None."""
-        if (self.interpolation == v2.InterpolationMode.BILINEAR and type(inpt) is torch.Tensor
-                and inpt.dtype == torch.uint8 and inpt.ndim == 3 and inpt.device.type == "cpu"
-                and params["height"] <= self.size[0] and params["width"] <= self.size[1]):
+        if (
+            self.interpolation == v2.InterpolationMode.BILINEAR
+            and type(inpt) is torch.Tensor
+            and inpt.dtype == torch.uint8
+            and inpt.ndim == 3
+            and inpt.device.type == "cpu"
+            and params["height"] <= self.size[0]
+            and params["width"] <= self.size[1]
+        ):
             top, left, height, width = params["top"], params["left"], params["height"], params["width"]
             # decode_stored_image returns a CHW view of HWC pixels: this permute is free, the crop a view of it.
             return np.ascontiguousarray(inpt.permute(1, 2, 0).numpy())[top : top + height, left : left + width]
@@ -160,8 +166,11 @@ def tensor_transform(transform: Callable[[Any], Any]) -> v2.Compose | None:
         if isinstance(op, RandomResizedCropAndInterpolation):
             if not isinstance(op.interpolation, tv1.InterpolationMode):
                 return None  # a random choice of interpolation per image
-            out.append(RandomResizedCropUint8(op.size, scale=op.scale, ratio=op.ratio,
-                                              interpolation=op.interpolation, antialias=True))
+            out.append(
+                RandomResizedCropUint8(
+                    op.size, scale=op.scale, ratio=op.ratio, interpolation=op.interpolation, antialias=True
+                )
+            )
         elif type(op) is tv1.RandomHorizontalFlip:
             out.append(v2.RandomHorizontalFlip(op.p))
         elif type(op) is tv1.RandomVerticalFlip:
@@ -249,5 +258,6 @@ class ImageTransform:
 
 def create_image_transform(data_config: dict[str, Any], cfg: DataConfig | None = None) -> ImageTransform:
     """The train transform (``cfg`` given) or the eval transform (``cfg`` None) as an :class:`ImageTransform`."""
-    return ImageTransform(create_train_transform(data_config, cfg) if cfg is not None
-                          else create_eval_transform(data_config))
+    return ImageTransform(
+        create_train_transform(data_config, cfg) if cfg is not None else create_eval_transform(data_config)
+    )

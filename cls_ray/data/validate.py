@@ -103,8 +103,10 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
     try:
         data = _read(uri, limit)
     except _TooLarge as exc:
-        return {"reason": "file_too_large", "detail": f"{exc.args[0]} bytes, above the {limit} read for "
-                                                      f"ingest.max_pixels={opts.max_pixels}"}
+        return {
+            "reason": "file_too_large",
+            "detail": f"{exc.args[0]} bytes, above the {limit} read for ingest.max_pixels={opts.max_pixels}",
+        }
     except OSError as exc:
         return {"reason": "unreadable", "detail": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     digest = hashlib.sha256(data).hexdigest()
@@ -112,9 +114,14 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         decoded = inspect_image(data, opts.max_pixels)
     except ImageDecodeError as exc:
         return {"reason": exc.reason, "detail": str(exc)[:300], "sha256": digest}
-    keep = (decoded.format in KEEPABLE_FORMATS and decoded.source_mode in KEEPABLE_MODES
-            and decoded.n_frames == 1 and not decoded.transposed and not decoded.flattened
-            and max(decoded.image.size) <= opts.max_side)
+    keep = (
+        decoded.format in KEEPABLE_FORMATS
+        and decoded.source_mode in KEEPABLE_MODES
+        and decoded.n_frames == 1
+        and not decoded.transposed
+        and not decoded.flattened
+        and max(decoded.image.size) <= opts.max_side
+    )
     if keep:
         image, kind, resized = data, "original", False
     else:
@@ -123,8 +130,15 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         except (OSError, ValueError) as exc:
             return {"reason": "encode_error", "detail": f"re-encoding failed: {exc}"[:300], "sha256": digest}
     width, height = Image.open(io.BytesIO(image)).size if resized else decoded.image.size
-    return {"sha256": digest, "width": width, "height": height, "format": decoded.format, "encoding": kind,
-            "resized": resized, "image": image}
+    return {
+        "sha256": digest,
+        "width": width,
+        "height": height,
+        "format": decoded.format,
+        "encoding": kind,
+        "resized": resized,
+        "image": image,
+    }
 
 
 def _init_worker(env: dict[str, str], quiet: bool) -> None:
@@ -146,15 +160,23 @@ def _failure(future: Any, timeout_s: float) -> dict[str, Any]:
     except FutureTimeout:
         return {"reason": "timeout", "detail": f"validation took longer than {timeout_s:g} s (ingest.file_timeout_s)"}
     except ProcessExpired as exc:
-        return {"reason": "decoder_crash", "detail": f"the decoder crashed its worker process (exit code "
-                                                     f"{exc.exitcode})"}
+        return {
+            "reason": "decoder_crash",
+            "detail": f"the decoder crashed its worker process (exit code {exc.exitcode})",
+        }
     except Exception as exc:  # noqa: BLE001 - any other worker failure refuses this one file only
         return {"reason": "decoder_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-def validate_files(uris: Sequence[str], opts: EncodeOptions, num_workers: int, timeout_s: float, *,
-                   validate: Callable[[str, EncodeOptions], dict[str, Any]] = validate_file,
-                   quiet: bool = True) -> Iterator[tuple[int, dict]]:
+def validate_files(
+    uris: Sequence[str],
+    opts: EncodeOptions,
+    num_workers: int,
+    timeout_s: float,
+    *,
+    validate: Callable[[str, EncodeOptions], dict[str, Any]] = validate_file,
+    quiet: bool = True,
+) -> Iterator[tuple[int, dict]]:
     """Validate ``uris`` in ``num_workers`` processes; yields ``(index, result)`` as files finish (any order).
 
     Args:

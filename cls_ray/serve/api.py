@@ -83,8 +83,9 @@ def _install_error_handlers(api: FastAPI) -> None:
             logger.error("the model deployment failed: %s", exc)
             return _error_response(500, INTERNAL_ERROR)
         logger.warning("model replica unavailable: %s", type(exc).__name__)
-        return _error_response(503, {"error": "the model is not available right now; retry",
-                                     "reason": "model_unavailable", "image": None})
+        return _error_response(
+            503, {"error": "the model is not available right now; retry", "reason": "model_unavailable", "image": None}
+        )
 
 
 def _page() -> str:
@@ -111,8 +112,10 @@ def _openapi(api: FastAPI) -> dict[str, Any]:
     if api.openapi_schema is None:
         ingress = serve.get_replica_context().servable_object
         api.version = ingress.version
-        api.description = (f"Image classifier {ingress.name} ({ingress.meta['architecture']}, "
-                           f"{len(ingress.classes)} classes) served by Ray Serve.")
+        api.description = (
+            f"Image classifier {ingress.name} ({ingress.meta['architecture']}, "
+            f"{len(ingress.classes)} classes) served by Ray Serve."
+        )
     return FastAPI.openapi(api)
 
 
@@ -133,8 +136,12 @@ def create_api() -> FastAPI:
         """Liveness: the ingress answers."""
         return {"status": "ok"}
 
-    @api.get("/readyz", response_model=schemas.HealthResponse, tags=["health"],
-             responses={503: {"model": schemas.ErrorResponse}})
+    @api.get(
+        "/readyz",
+        response_model=schemas.HealthResponse,
+        tags=["health"],
+        responses={503: {"model": schemas.ErrorResponse}},
+    )
     async def readyz(ingress: Ingress) -> Any:
         """Readiness: a model replica answers."""
         if await ingress.model_ready():
@@ -153,8 +160,14 @@ def create_api() -> FastAPI:
         authorize(ingress, request)
         return await ingress.model_stats()
 
-    @api.post("/v1/predict", response_model=schemas.PredictResponse, response_model_by_alias=True, tags=["v1"],
-              responses=schemas.ERROR_RESPONSES, openapi_extra={"requestBody": schemas.PREDICT_REQUEST_BODY})
+    @api.post(
+        "/v1/predict",
+        response_model=schemas.PredictResponse,
+        response_model_by_alias=True,
+        tags=["v1"],
+        responses=schemas.ERROR_RESPONSES,
+        openapi_extra={"requestBody": schemas.PREDICT_REQUEST_BODY},
+    )
     async def predict(request: Request, ingress: Ingress, top_k: str | None = None) -> dict[str, Any]:
         """Top-k classes of one or more images: raw bytes, multipart files, or JSON with base64 images."""
         start = time.perf_counter()
@@ -166,8 +179,10 @@ def create_api() -> FastAPI:
         best = top_k_classes(probs, ingress.classes, k)
         return {
             "model": {"name": ingress.name, "version": ingress.version},
-            "predictions": [{"index": i, "filename": name, "top_k": scores}
-                            for i, (name, scores) in enumerate(zip(inputs.filenames, best, strict=True))],
+            "predictions": [
+                {"index": i, "filename": name, "top_k": scores}
+                for i, (name, scores) in enumerate(zip(inputs.filenames, best, strict=True))
+            ],
             "latency_ms": (time.perf_counter() - start) * 1000.0,
         }
 
@@ -177,9 +192,13 @@ def create_api() -> FastAPI:
 
 def _check_model(ingress: Any, name: str, version: str | None = None) -> None:
     if name != ingress.name or (version is not None and version != ingress.version):
-        raise RequestError(404, "unknown_model", f"no model {name!r}"
-                           + (f" version {version!r}" if version is not None else "")
-                           + f"; this server has {ingress.name!r} version {ingress.version!r}")
+        raise RequestError(
+            404,
+            "unknown_model",
+            f"no model {name!r}"
+            + (f" version {version!r}" if version is not None else "")
+            + f"; this server has {ingress.name!r} version {ingress.version!r}",
+        )
 
 
 def _add_v2_routes(api: FastAPI) -> None:
@@ -207,16 +226,25 @@ def _add_v2_routes(api: FastAPI) -> None:
 
     @api.get("/v2/models/{name}", tags=["v2"], responses=schemas.ERROR_RESPONSES)
     @api.get("/v2/models/{name}/versions/{version}", tags=["v2"], responses=schemas.ERROR_RESPONSES)
-    async def model_metadata(request: Request, ingress: Ingress, name: str, version: str | None = None
-                             ) -> dict[str, Any]:
+    async def model_metadata(
+        request: Request, ingress: Ingress, name: str, version: str | None = None
+    ) -> dict[str, Any]:
         authorize(ingress, request)
         _check_model(ingress, name, version)
         return kserve.model_metadata(ingress.name, ingress.version, len(ingress.classes))
 
-    @api.post("/v2/models/{name}/infer", tags=["v2"], responses=schemas.ERROR_RESPONSES,
-              openapi_extra={"requestBody": schemas.V2_INFER_REQUEST_BODY})
-    @api.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], responses=schemas.ERROR_RESPONSES,
-              openapi_extra={"requestBody": schemas.V2_INFER_REQUEST_BODY})
+    @api.post(
+        "/v2/models/{name}/infer",
+        tags=["v2"],
+        responses=schemas.ERROR_RESPONSES,
+        openapi_extra={"requestBody": schemas.V2_INFER_REQUEST_BODY},
+    )
+    @api.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        tags=["v2"],
+        responses=schemas.ERROR_RESPONSES,
+        openapi_extra={"requestBody": schemas.V2_INFER_REQUEST_BODY},
+    )
     async def infer(request: Request, ingress: Ingress, name: str, version: str | None = None) -> Response:
         """Class probabilities (FP32 [N, C]) of a BYTES input ``image`` of N encoded image files."""
         authorize(ingress, request)

@@ -39,8 +39,13 @@ HTTP_LEVEL_FIELDS = ("host", "port", "app_name", "route_prefix", "request_timeou
 
 
 def _autoscaling(min_replicas: int, max_replicas: int, target: float, cfg: ServeConfig) -> dict[str, Any]:
-    return {"min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": target,
-            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s}
+    return {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": target,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+    }
 
 
 def model_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -59,8 +64,9 @@ def ingress_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     return {
         "name": INGRESS_DEPLOYMENT,
         "max_ongoing_requests": cfg.ingress_max_ongoing_requests,
-        "autoscaling_config": _autoscaling(cfg.ingress_min_replicas, cfg.ingress_max_replicas,
-                                           cfg.ingress_target_ongoing_requests, cfg),
+        "autoscaling_config": _autoscaling(
+            cfg.ingress_min_replicas, cfg.ingress_max_replicas, cfg.ingress_target_ongoing_requests, cfg
+        ),
         "ray_actor_options": {"num_cpus": cfg.ingress_num_cpus},
     }
 
@@ -68,9 +74,9 @@ def ingress_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 def build_application(model_uri: str, cfg: ServeConfig) -> Application:
     """The Serve application (ingress over model deployment) of a model package; nothing is loaded yet."""
     model = ClassifierModel.options(**model_deployment_options(cfg)).bind(
-        model_uri, use_gpu=cfg.num_gpus > 0, amp=cfg.amp, backend=cfg.backend, precision=cfg.onnx_precision)
-    return ClassifierIngress.options(**ingress_deployment_options(cfg)).bind(
-        model, model_uri, dataclasses.asdict(cfg))
+        model_uri, use_gpu=cfg.num_gpus > 0, amp=cfg.amp, backend=cfg.backend, precision=cfg.onnx_precision
+    )
+    return ClassifierIngress.options(**ingress_deployment_options(cfg)).bind(model, model_uri, dataclasses.asdict(cfg))
 
 
 def _takes_str(field_type: Any) -> bool:
@@ -98,8 +104,9 @@ def build_app(args: dict[str, Any]) -> Application:
     args = dict(args)
     model_uri = args.pop("model_uri", None) or os.environ.get(MODEL_URI_ENV)
     if not model_uri:
-        raise ConfigError(f"the Serve application needs a model package: pass args model_uri=URI or set "
-                          f"${MODEL_URI_ENV}")
+        raise ConfigError(
+            f"the Serve application needs a model package: pass args model_uri=URI or set ${MODEL_URI_ENV}"
+        )
     base = load_config(os.environ[CONFIG_ENV]).serve if os.environ.get(CONFIG_ENV) else None
     return build_application(str(model_uri), serve_config_from_args(args, base))
 
@@ -122,13 +129,15 @@ def serve_config_dict(model_uri: str, cfg: ServeConfig) -> dict[str, Any]:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},
-        "applications": [{
-            "name": cfg.app_name,
-            "route_prefix": cfg.route_prefix,
-            "import_path": BUILDER_IMPORT_PATH,
-            "args": args,
-            "deployments": deployments,
-        }],
+        "applications": [
+            {
+                "name": cfg.app_name,
+                "route_prefix": cfg.route_prefix,
+                "import_path": BUILDER_IMPORT_PATH,
+                "args": args,
+                "deployments": deployments,
+            }
+        ],
     }
 
 
@@ -136,8 +145,10 @@ def write_serve_config(model_uri: str, cfg: ServeConfig, path: str) -> str:
     """Write the Serve config YAML for ``serve deploy FILE`` (local path or s3://); returns ``path``."""
     model_uri = storage.absolute(model_uri)
     read_package_meta(model_uri)  # a wrong URI is reported now, not when the cluster tries to load it
-    text = "# Serve config of a cls-ray model package: `serve deploy` this file, or paste it as a KubeRay\n" \
-           "# RayService's serveConfigV2. Deployment settings here override the builder's defaults.\n"
+    text = (
+        "# Serve config of a cls-ray model package: `serve deploy` this file, or paste it as a KubeRay\n"
+        "# RayService's serveConfigV2. Deployment settings here override the builder's defaults.\n"
+    )
     text += yaml.safe_dump(serve_config_dict(model_uri, cfg), sort_keys=False)
     storage.write_bytes(path, text.encode())
     logger.info("wrote Serve config %s", path)
@@ -159,8 +170,9 @@ def _running_http_address(cfg: ServeConfig) -> tuple[str, int]:
         return cfg.host, cfg.port
     host, port = running
     if port != cfg.port:
-        logger.warning("Serve was already running on port %d in this cluster; serve.port=%d is not applied",
-                       port, cfg.port)
+        logger.warning(
+            "Serve was already running on port %d in this cluster; serve.port=%d is not applied", port, cfg.port
+        )
     return host, port
 
 
@@ -173,8 +185,10 @@ def _ensure_ray(detach: bool) -> None:
     try:
         ensure_ray(existing_cluster=True)
     except ConnectionError as exc:
-        raise ConfigError(f"--detach needs a running Ray cluster to outlive this command ({exc}): start one with "
-                          "`ray start --head` (or set RAY_ADDRESS), or serve without --detach") from exc
+        raise ConfigError(
+            f"--detach needs a running Ray cluster to outlive this command ({exc}): start one with "
+            "`ray start --head` (or set RAY_ADDRESS), or serve without --detach"
+        ) from exc
 
 
 def start_serving(model_uri: str, cfg: ServeConfig, *, detach: bool = False) -> str:
@@ -187,8 +201,7 @@ def start_serving(model_uri: str, cfg: ServeConfig, *, detach: bool = False) -> 
     read_package_meta(model_uri)
     _ensure_ray(detach)
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
-    serve.run(build_application(model_uri, cfg), name=cfg.app_name, route_prefix=cfg.route_prefix,
-              blocking=False)
+    serve.run(build_application(model_uri, cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     url = base_url(cfg, *_running_http_address(cfg))
     logger.info("serving %s at %s", model_uri, url)
     return url

@@ -48,8 +48,9 @@ class ClassifierModel:
         precision: ``fp32`` or ``int8``, for the onnx backend.
     """
 
-    def __init__(self, model_uri: str, use_gpu: bool = False, amp: str = "bf16", backend: str = "torch",
-                 precision: str = "fp32"):
+    def __init__(
+        self, model_uri: str, use_gpu: bool = False, amp: str = "bf16", backend: str = "torch", precision: str = "fp32"
+    ):
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("serve.num_gpus > 0 but this replica sees no CUDA device")
         device = "cuda" if use_gpu else "cpu"
@@ -61,8 +62,10 @@ class ClassifierModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve ``user_config``: batching parameters change in place, without restarting the replica."""
-        self.batching = {"max_batch_size": int(user_config["max_batch_size"]),
-                         "batch_wait_timeout_s": float(user_config["batch_wait_timeout_s"])}
+        self.batching = {
+            "max_batch_size": int(user_config["max_batch_size"]),
+            "batch_wait_timeout_s": float(user_config["batch_wait_timeout_s"]),
+        }
         self.predict.set_max_batch_size(self.batching["max_batch_size"])
         self.predict.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
         self.batch_sizes.clear()
@@ -124,8 +127,10 @@ class ClassifierIngress:
         key = os.environ.get(env, "")
         if not key:
             # Fail closed: an API key was asked for, so never serve without one.
-            raise ConfigError(f"serve.api_key_env names {env!r}, but that environment variable is empty on "
-                               "this replica; set it in the cluster's environment")
+            raise ConfigError(
+                f"serve.api_key_env names {env!r}, but that environment variable is empty on "
+                "this replica; set it in the cluster's environment"
+            )
         return key
 
     def check_api_key(self, given: str | None) -> None:
@@ -168,9 +173,15 @@ class ClassifierIngress:
     def model_info(self) -> dict[str, Any]:
         dc = self.meta["data_config"]
         return {
-            "name": self.name, "version": self.version, "architecture": self.meta["architecture"],
-            "classes": self.classes, "num_classes": len(self.classes), "input_size": list(dc["input_size"]),
-            "data_config": dc, "metrics": self.meta.get("metrics") or {},
-            "default_top_k": min(self.cfg.default_top_k, len(self.classes)), "max_images": self.cfg.max_images,
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.meta["architecture"],
+            "classes": self.classes,
+            "num_classes": len(self.classes),
+            "input_size": list(dc["input_size"]),
+            "data_config": dc,
+            "metrics": self.meta.get("metrics") or {},
+            "default_top_k": min(self.cfg.default_top_k, len(self.classes)),
+            "max_images": self.cfg.max_images,
             "max_request_bytes": self.cfg.max_request_bytes,
         }

@@ -74,8 +74,9 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         return body
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
-        raise RequestError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported; "
-                                                         "use gzip, deflate or none")
+        raise RequestError(
+            415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
+        )
     inflater = zlib.decompressobj(wbits)
     try:
         out = inflater.decompress(body, limit + 1)
@@ -146,8 +147,9 @@ async def parse_predict_request(request: Request, body: bytes, max_images: int) 
     elif ctype == "multipart/form-data":
         inputs = await _parse_multipart(request, body, max_images)
     else:
-        raise RequestError(415, "unsupported_media_type",
-                           f"Content-Type {ctype or '(none)'} is not accepted; send {ACCEPTED}")
+        raise RequestError(
+            415, "unsupported_media_type", f"Content-Type {ctype or '(none)'} is not accepted; send {ACCEPTED}"
+        )
     if not inputs.images:
         raise RequestError(422, "no_images", "the request holds no image")
     if len(inputs.images) > max_images:

@@ -44,7 +44,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
     else:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise _bad(f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes")
-        json_part, binary = body[:int(header_length)], body[int(header_length):]
+        json_part, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         doc = json.loads(json_part)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -65,7 +65,7 @@ def _deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
         pos += 4
         if pos + size > len(raw):
             raise _bad("a BYTES element is longer than the binary data holds")
-        items.append(raw[pos:pos + size])
+        items.append(raw[pos : pos + size])
         pos += size
     if len(items) != count:
         raise _bad(f"the input's shape says {count} elements but its binary data holds {len(items)}")
@@ -80,8 +80,7 @@ def _flatten(data: Any) -> list[Any]:
 
 def _tensor_images(tensor: dict[str, Any], binary: bytes) -> list[bytes]:
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad("input 'image' needs a shape: a list of non-negative integers")
     count = math.prod(shape)
     size = (tensor.get("parameters") or {}).get("binary_data_size")
@@ -120,15 +119,19 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if tensor.get("name") != INPUT_NAME:
         raise _bad(f"unknown input {tensor.get('name')!r}; this model has one input {INPUT_NAME!r}", "unknown_input")
     if tensor.get("datatype") != "BYTES":
-        raise _bad(f"input {INPUT_NAME!r} must have datatype BYTES (encoded image files), "
-                   f"not {tensor.get('datatype')!r}", "invalid_datatype")
+        raise _bad(
+            f"input {INPUT_NAME!r} must have datatype BYTES (encoded image files), not {tensor.get('datatype')!r}",
+            "invalid_datatype",
+        )
     request_id = doc.get("id")
-    return InferRequest(_tensor_images(tensor, binary), str(request_id) if request_id is not None else None,
-                        _wants_binary(doc))
+    return InferRequest(
+        _tensor_images(tensor, binary), str(request_id) if request_id is not None else None, _wants_binary(doc)
+    )
 
 
-def encode_infer_response(probs: np.ndarray, model_name: str, model_version: str, request: InferRequest
-                          ) -> tuple[bytes, dict[str, str]]:
+def encode_infer_response(
+    probs: np.ndarray, model_name: str, model_version: str, request: InferRequest
+) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (``Inference-Header-Content-Length`` for binary output)."""
     probs = np.ascontiguousarray(probs, dtype="<f4")
     output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probs.shape)}

@@ -107,11 +107,15 @@ PREDICT_REQUEST_BODY: dict[str, Any] = {
     "content": {
         "image/*": {"schema": {"type": "string", "format": "binary"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        "multipart/form-data": {"schema": {
-            "type": "object",
-            "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                           "top_k": {"type": "integer"}},
-        }},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "top_k": {"type": "integer"},
+                },
+            }
+        },
         "application/json": {"schema": PredictJSONRequest.model_json_schema()},
     },
 }
@@ -119,28 +123,38 @@ PREDICT_REQUEST_BODY: dict[str, Any] = {
 V2_INFER_REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
-        "application/json": {"schema": {
-            "type": "object",
-            "required": ["inputs"],
-            "properties": {
-                "id": {"type": "string"},
-                "parameters": {"type": "object"},
-                "inputs": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["name", "shape", "datatype"],
-                    "properties": {"name": {"type": "string", "example": "image"},
-                                   "shape": {"type": "array", "items": {"type": "integer"}},
-                                   "datatype": {"type": "string", "example": "BYTES"},
-                                   "data": {"type": "array", "items": {"type": "string"},
-                                            "description": "base64-encoded image files"}},
-                }},
-                "outputs": {"type": "array", "items": {"type": "object"}},
-            },
-        }},
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "shape", "datatype"],
+                            "properties": {
+                                "name": {"type": "string", "example": "image"},
+                                "shape": {"type": "array", "items": {"type": "integer"}},
+                                "datatype": {"type": "string", "example": "BYTES"},
+                                "data": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": "base64-encoded image files",
+                                },
+                            },
+                        },
+                    },
+                    "outputs": {"type": "array", "items": {"type": "object"}},
+                },
+            }
+        },
         "application/octet-stream": {
             "schema": {"type": "string", "format": "binary"},
             "description": "Binary tensor data extension: JSON header of Inference-Header-Content-Length bytes, "
-                           "then each BYTES element as a 4-byte little-endian length and the encoded image.",
+            "then each BYTES element as a 4-byte little-endian length and the encoded image.",
         },
     },
 }

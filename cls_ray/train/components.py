@@ -85,9 +85,14 @@ def create_mixup(cfg: Config, num_classes: int) -> Callable[[torch.Tensor, torch
     """timm ``Mixup`` (mixup / cutmix with label smoothing), or the identity when both are off."""
     if not mixup_active(cfg):
         return lambda images, targets: (images, targets)
-    return Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix, prob=cfg.data.mixup_prob,
-                 switch_prob=cfg.data.mixup_switch_prob, label_smoothing=cfg.data.label_smoothing,
-                 num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=cfg.data.mixup,
+        cutmix_alpha=cfg.data.cutmix,
+        prob=cfg.data.mixup_prob,
+        switch_prob=cfg.data.mixup_switch_prob,
+        label_smoothing=cfg.data.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def create_random_erasing(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -120,9 +125,17 @@ def create_optimizer_and_scheduler(model: nn.Module, cfg: Config, updates_per_ep
     if o.sched == "none":
         return optimizer, _NoSchedule()
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=o.sched, num_epochs=cfg.train.epochs, decay_epochs=o.decay_epochs, decay_rate=o.decay_rate,
-        min_lr=o.min_lr, warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs,
-        step_on_epochs=not o.sched_on_updates, updates_per_epoch=max(1, updates_per_epoch))
+        optimizer,
+        sched=o.sched,
+        num_epochs=cfg.train.epochs,
+        decay_epochs=o.decay_epochs,
+        decay_rate=o.decay_rate,
+        min_lr=o.min_lr,
+        warmup_lr=o.warmup_lr,
+        warmup_epochs=o.warmup_epochs,
+        step_on_epochs=not o.sched_on_updates,
+        updates_per_epoch=max(1, updates_per_epoch),
+    )
     return optimizer, scheduler
 
 

@@ -43,7 +43,7 @@ def _record_epochs(run_uri: str) -> dict[int, str]:
     epochs: dict[int, str] = {}
     for info in storage.list_files(directory, recursive=False):
         name = posixpath.basename(info.path)
-        number = name[len(_PREFIX):-len(_SUFFIX)]
+        number = name[len(_PREFIX) : -len(_SUFFIX)]
         if name.startswith(_PREFIX) and name.endswith(_SUFFIX) and number.isdigit():
             epochs[int(number)] = storage.join(directory, name)
     return epochs

@@ -29,6 +29,7 @@ from cls_ray.train.step import Worker, build_worker, distribute_bn_stats, train_
 
 logger = logging.getLogger(__name__)
 
+
 def _improved(progress: Progress, cfg: Config) -> bool:
     value = progress.last_eval.get(cfg.train.metric)
     if value is None:
@@ -42,8 +43,9 @@ def _improved(progress: Progress, cfg: Config) -> bool:
     return better
 
 
-def _report(w: Worker, progress: Progress, metrics: dict[str, float], evaluation: dict[str, Any] | None,
-            rank: int) -> None:
+def _report(
+    w: Worker, progress: Progress, metrics: dict[str, float], evaluation: dict[str, Any] | None, rank: int
+) -> None:
     """Every rank reports; on evaluation epochs (``evaluation`` given) rank 0 attaches the full train state (all
     ranks' RNG included) and the evaluation's per-class metrics and confusion matrix as a checkpoint."""
     name = f"epoch-{progress.epoch:04d}"
@@ -63,11 +65,15 @@ def _report(w: Worker, progress: Progress, metrics: dict[str, float], evaluation
 
 def format_progress(metrics: dict[str, float], epochs: int) -> str:
     """The one log line per epoch."""
-    line = (f"epoch {int(metrics['epoch'])}/{epochs} | train_loss {metrics['train_loss']:.4f} | "
-            f"{metrics['img_per_s']:.0f} img/s | data wait {metrics['data_wait_frac']:.0%} | lr {metrics['lr']:.2e}")
+    line = (
+        f"epoch {int(metrics['epoch'])}/{epochs} | train_loss {metrics['train_loss']:.4f} | "
+        f"{metrics['img_per_s']:.0f} img/s | data wait {metrics['data_wait_frac']:.0%} | lr {metrics['lr']:.2e}"
+    )
     if "val_top1" in metrics:
-        line += (f" | val_loss {metrics['val_loss']:.4f} top1 {metrics['val_top1']:.4f} "
-                 f"top5 {metrics['val_top5']:.4f} f1_macro {metrics['val_f1_macro']:.4f}")
+        line += (
+            f" | val_loss {metrics['val_loss']:.4f} top1 {metrics['val_top1']:.4f} "
+            f"top5 {metrics['val_top5']:.4f} f1_macro {metrics['val_f1_macro']:.4f}"
+        )
     return line
 
 
@@ -100,16 +106,21 @@ def _resume(w: Worker, spec: RunSpec, rank: int, world: int) -> Progress:
     progress.resumed_from = progress.epoch
     if rank == 0:
         dropped = drop_records_after(spec.run_uri, progress.epoch)
-        logger.info("resumed from %s after epoch %d%s", os.path.basename(checkpoint.path), progress.epoch,
-                    f" (epochs {dropped[0]}-{dropped[-1]} run again)" if dropped else "")
+        logger.info(
+            "resumed from %s after epoch %d%s",
+            os.path.basename(checkpoint.path),
+            progress.epoch,
+            f" (epochs {dropped[0]}-{dropped[-1]} run again)" if dropped else "",
+        )
     return progress
 
 
 def end_epoch(run_uri: str, progress: Progress, metrics: dict[str, float], evaluation: dict[str, Any] | None) -> None:
     """Rank 0's record of epoch ``progress.epoch`` in the run's history, written once."""
     per_class = {"per_class": evaluation["per_class"]} if evaluation is not None else {}
-    write_record(run_uri, {**metrics, **per_class, "evaluated": evaluation is not None,
-                           "resumed_from": progress.resumed_from})
+    write_record(
+        run_uri, {**metrics, **per_class, "evaluated": evaluation is not None, "resumed_from": progress.resumed_from}
+    )
 
 
 def _train_batches(cfg: Config, spec: RunSpec, world: int, device: torch.device) -> Any:

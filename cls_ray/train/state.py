@@ -89,8 +89,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_train_state(directory: str, objs: TrainObjects, progress: Progress, rng_states: list[dict],
-                     evaluation: dict[str, Any] | None = None) -> None:
+def save_train_state(
+    directory: str,
+    objs: TrainObjects,
+    progress: Progress,
+    rng_states: list[dict],
+    evaluation: dict[str, Any] | None = None,
+) -> None:
     """Write a complete checkpoint into a local ``directory`` (rank 0 only; ``rng_states`` holds every rank's;
     ``evaluation``: this epoch's per-class metrics and confusion matrix)."""
     os.makedirs(directory, exist_ok=True)

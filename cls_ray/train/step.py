@@ -50,8 +50,9 @@ class Worker:
     """``ModelEmaV3`` or a no-op stand-in (``objs.ema`` is None when EMA is off)."""
 
 
-def build_worker(cfg: Config, spec: RunSpec, device: torch.device,
-                 wrap: Callable[[nn.Module], nn.Module] = lambda model: model) -> Worker:
+def build_worker(
+    cfg: Config, spec: RunSpec, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda model: model
+) -> Worker:
     """Create the model, DDP wrapper, optimizer, schedule, loss, mixup, EMA and precision objects of one rank.
 
     Args:

@@ -22,9 +22,9 @@ from cls_ray import storage
 from cls_ray.config import Config, ConfigError, to_dict, with_absolute_paths, write_resolved
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import SharedSplit, build_eval_dataset, build_train_dataset
-from cls_ray.package import package_name, save_model_package
 from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
+from cls_ray.package import package_name, save_model_package
 from cls_ray.ray_connect import ensure_ray
 from cls_ray.train.history import HISTORY_DIR
 from cls_ray.train.loop import train_loop_per_worker
@@ -36,8 +36,15 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = "package"
 #: Keys every report carries; ``val_*`` keys appear from the first evaluation on.
-REPORT_METRICS = ("epoch", "train_loss", "img_per_s", "data_wait_frac", "epoch_time_s", "lr",
-                  *(f"val_{k}" for k in SCALAR_METRICS))
+REPORT_METRICS = (
+    "epoch",
+    "train_loss",
+    "img_per_s",
+    "data_wait_frac",
+    "epoch_time_s",
+    "lr",
+    *(f"val_{k}" for k in SCALAR_METRICS),
+)
 
 
 @dataclass
@@ -53,8 +60,10 @@ class TrainResult:
 
 def _check_metric(cfg: Config) -> None:
     if cfg.train.metric not in REPORT_METRICS:
-        raise ConfigError(f"train.metric: {cfg.train.metric!r} is not a reported metric; choose one of "
-                          f"{', '.join(k for k in REPORT_METRICS if k.startswith('val_'))}")
+        raise ConfigError(
+            f"train.metric: {cfg.train.metric!r} is not a reported metric; choose one of "
+            f"{', '.join(k for k in REPORT_METRICS if k.startswith('val_'))}"
+        )
 
 
 def _check_pretrained(cfg: Config) -> None:
@@ -106,18 +115,24 @@ def _check_placement(cfg: Config) -> None:
     if sum(slots) < t.num_workers:
         totals = ray.cluster_resources()
         have = ", ".join(f"{totals.get(k, 0):g} {k}" for k in per_worker)
-        raise ConfigError(f"train.num_workers: {t.num_workers} workers of {per_worker} do not fit this Ray cluster "
-                          f"({have} over {len(nodes)} node(s); at most {sum(slots)} fit). Lower train.num_workers or "
-                          f"train.cpus_per_worker, or add nodes.")
+        raise ConfigError(
+            f"train.num_workers: {t.num_workers} workers of {per_worker} do not fit this Ray cluster "
+            f"({have} over {len(nodes)} node(s); at most {sum(slots)} fit). Lower train.num_workers or "
+            f"train.cpus_per_worker, or add nodes."
+        )
     # Ray Data tasks (listing, reading, shuffling, re-blocking) reserve 1 CPU each and decode tasks
     # data.decode_cpus: some node must keep that much free next to the workers, or the input pipeline waits forever.
     need = max(1.0, cfg.data.decode_cpus)
-    spare = max(res.get("CPU", 0) - max(0, t.num_workers - (sum(slots) - own)) * t.cpus_per_worker
-                for res, own in zip(nodes, slots, strict=True))
+    spare = max(
+        res.get("CPU", 0) - max(0, t.num_workers - (sum(slots) - own)) * t.cpus_per_worker
+        for res, own in zip(nodes, slots, strict=True)
+    )
     if spare < need:
-        raise ConfigError(f"train.cpus_per_worker: {t.num_workers} workers x {t.cpus_per_worker:g} CPU leave at most "
-                          f"{spare:g} CPU free on any node, and Ray Data's input tasks need {need:g} CPU there "
-                          f"(Ray Data decoding). Lower train.cpus_per_worker or train.num_workers, or add a node.")
+        raise ConfigError(
+            f"train.cpus_per_worker: {t.num_workers} workers x {t.cpus_per_worker:g} CPU leave at most "
+            f"{spare:g} CPU free on any node, and Ray Data's input tasks need {need:g} CPU there "
+            f"(Ray Data decoding). Lower train.cpus_per_worker or train.num_workers, or add a node."
+        )
 
 
 def _updates_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
@@ -126,8 +141,10 @@ def _updates_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
     rows = -(-rows // world) if cfg.data.format == "ffcv" and world > 1 else rows // world
     batches = rows // cfg.data.batch_size
     if batches == 0:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than each worker's share of the train "
-                          f"split ({rows} rows for each of {cfg.train.num_workers} workers); lower it")
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} is larger than each worker's share of the train "
+            f"split ({rows} rows for each of {cfg.train.num_workers} workers); lower it"
+        )
     return math.ceil(batches / cfg.optim.grad_accum_steps)
 
 
@@ -135,8 +152,10 @@ def _check_splits(data_uri: str, manifest: dict[str, Any]) -> None:
     for split in ("train", "val"):
         info = manifest["splits"].get(split)
         if not info or not info.get("num_rows"):
-            raise manifest_lib.ManifestError(f"{data_uri}: the {split!r} split is empty; training needs train and "
-                                             f"val images (re-ingest with ingest.val_fraction > 0)")
+            raise manifest_lib.ManifestError(
+                f"{data_uri}: the {split!r} split is empty; training needs train and "
+                f"val images (re-ingest with ingest.val_fraction > 0)"
+            )
 
 
 def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
@@ -160,16 +179,27 @@ def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
     _check_pretrained(cfg)
     ensure_ray()
     _check_placement(cfg)
-    spec = RunSpec(classes=list(manifest["classes"]),
-                   class_counts=list(manifest["splits"]["train"]["class_counts"]),
-                   data_config=data_config_for(cfg.model), run_uri="",
-                   updates_per_epoch=_updates_per_epoch(manifest, cfg), train_beton_uri=train_beton,
-                   dataset_digest=manifest_lib.manifest_digest(manifest))
+    spec = RunSpec(
+        classes=list(manifest["classes"]),
+        class_counts=list(manifest["splits"]["train"]["class_counts"]),
+        data_config=data_config_for(cfg.model),
+        run_uri="",
+        updates_per_epoch=_updates_per_epoch(manifest, cfg),
+        train_beton_uri=train_beton,
+        dataset_digest=manifest_lib.manifest_digest(manifest),
+    )
     return manifest, spec
 
 
-def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: str,
-                  callbacks: list | None = None, shared: Mapping[str, SharedSplit] | None = None) -> TorchTrainer:
+def build_trainer(
+    data_uri: str,
+    cfg: Config,
+    *,
+    storage_path: str,
+    run_name: str,
+    callbacks: list | None = None,
+    shared: Mapping[str, SharedSplit] | None = None,
+) -> TorchTrainer:
     """A ``TorchTrainer`` for one run at ``{storage_path}/{run_name}``; validates everything first.
 
     Every worker reports once per epoch (keys in :data:`REPORT_METRICS`, the latest validation metrics carried
@@ -181,26 +211,37 @@ def build_trainer(data_uri: str, cfg: Config, *, storage_path: str, run_name: st
     spec.run_uri = storage.join(storage_path, run_name)
     filesystem, path = storage.resolve(storage_path)
     max_pixels = cfg.ingest.max_pixels
-    datasets = {"val": build_eval_dataset(data_uri, manifest, "val", spec.data_config, cfg.data,
-                                          max_pixels=max_pixels, shared=shared)}
+    datasets = {
+        "val": build_eval_dataset(
+            data_uri, manifest, "val", spec.data_config, cfg.data, max_pixels=max_pixels, shared=shared
+        )
+    }
     if spec.train_beton_uri is None:  # data.format=ffcv: every worker reads the train .beton itself
-        datasets["train"] = build_train_dataset(data_uri, manifest, spec.data_config, cfg.data, seed=cfg.train.seed,
-                                                max_pixels=max_pixels, shared=shared)
+        datasets["train"] = build_train_dataset(
+            data_uri, manifest, spec.data_config, cfg.data, seed=cfg.train.seed, max_pixels=max_pixels, shared=shared
+        )
     t = cfg.train
     run_config = ray.train.RunConfig(
-        name=run_name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks or None,
+        name=run_name,
+        storage_path=path,
+        storage_filesystem=filesystem,
+        callbacks=callbacks or None,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                                     checkpoint_score_attribute=t.metric,
-                                                     checkpoint_score_order=t.metric_mode),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.metric_mode
+        ),
         worker_runtime_env=worker_runtime_env(cfg),
     )
     resources = _worker_resources(cfg)
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config={"cfg": cfg, "spec": spec},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=run_config, datasets=datasets, dataset_config=EvalSplitsExact(),
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "spec": spec},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=EvalSplitsExact(),
     )
 
 
@@ -257,8 +298,10 @@ def _check_resume_compatible(run_uri: str, cfg: Config) -> None:
     previous = yaml.safe_load(storage.read_bytes(previous_uri)) or {}
     old = previous.get("model", {}).get("name")
     if old and old != cfg.model.name:
-        raise ConfigError(f"train.run_name: run {run_uri} trains {old!r}, not {cfg.model.name!r}; a re-run resumes "
-                          f"it, so choose another train.run_name for a new model")
+        raise ConfigError(
+            f"train.run_name: run {run_uri} trains {old!r}, not {cfg.model.name!r}; a re-run resumes "
+            f"it, so choose another train.run_name for a new model"
+        )
 
 
 def train(data_uri: str, cfg: Config) -> TrainResult:
@@ -269,18 +312,23 @@ def train(data_uri: str, cfg: Config) -> TrainResult:
     _check_resume_compatible(run_uri, cfg)
     trainer = build_trainer(data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name)
     write_resolved(cfg, run_uri)
-    logger.info("training %s on %s with %d worker(s); run %s", cfg.model.name, data_uri, cfg.train.num_workers,
-                run_uri)
+    logger.info("training %s on %s with %d worker(s); run %s", cfg.model.name, data_uri, cfg.train.num_workers, run_uri)
     result = trainer.fit()
     package_uri = export_package(result, data_uri, cfg, storage.join(run_uri, PACKAGE_DIR))
     best = _best_checkpoint(result, cfg)
     with best.as_directory() as directory:
         progress = read_progress(directory)
     metrics = {"epoch": progress.epoch, **progress.last_eval}
-    logger.info("best epoch %d: %s; package %s; history %s", progress.epoch,
-                ", ".join(f"{k} {v:.4f}" for k, v in progress.last_eval.items() if k in ("val_top1", "val_f1_macro")),
-                package_uri, storage.join(run_uri, HISTORY_DIR))
-    return TrainResult(run_uri=run_uri, package_uri=package_uri, metrics=metrics,
-                       checkpoint_uri=_checkpoint_uri(best, cfg.train.storage_path))
-
-
+    logger.info(
+        "best epoch %d: %s; package %s; history %s",
+        progress.epoch,
+        ", ".join(f"{k} {v:.4f}" for k, v in progress.last_eval.items() if k in ("val_top1", "val_f1_macro")),
+        package_uri,
+        storage.join(run_uri, HISTORY_DIR),
+    )
+    return TrainResult(
+        run_uri=run_uri,
+        package_uri=package_uri,
+        metrics=metrics,
+        checkpoint_uri=_checkpoint_uri(best, cfg.train.storage_path),
+    )

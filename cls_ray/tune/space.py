@@ -47,8 +47,19 @@ from cls_ray.tune.space_model import (
     trial_config,
 )
 
-__all__ = ["ARCH_PARAM", "CONDITIONAL_SEP", "Family", "Param", "SearchSpace", "SearchSpaceError", "config_values",
-           "load_search_space", "resolve_space_uri", "space_error", "trial_config"]
+__all__ = [
+    "ARCH_PARAM",
+    "CONDITIONAL_SEP",
+    "Family",
+    "Param",
+    "SearchSpace",
+    "SearchSpaceError",
+    "config_values",
+    "load_search_space",
+    "resolve_space_uri",
+    "space_error",
+    "trial_config",
+]
 """The model (:mod:`cls_ray.tune.space_model`) is importable from here too, beside the loader."""
 
 

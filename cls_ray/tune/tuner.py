@@ -105,7 +105,11 @@ def run_trial(config: dict[str, Any], data_uri: str, base: Config, shared: dict[
     name = ray_tune.get_context().get_trial_name()
     cfg = trial_config(base, {**config, "train.run_name": name}, f"trial {name}")
     trainer = build_trainer(
-        data_uri, cfg, storage_path=cfg.train.storage_path, run_name=name, callbacks=[TuneReportCallback()],
+        data_uri,
+        cfg,
+        storage_path=cfg.train.storage_path,
+        run_name=name,
+        callbacks=[TuneReportCallback()],
         shared=shared,
     )
     trainer.fit()
