@@ -68,9 +68,20 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="device of --model-only (cuda: channels-last + --amp)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnx"],
+        help="model runtime of the replica and the direct baseline (onnx: the package is exported first)",
+    )
+    p.add_argument("--int8", action="store_true", help="with --backend onnx: serve the int8 export")
     p.add_argument("--fashion-mnist-dir", type=Path, default=FASHION_MNIST_DIR)
     p.add_argument("--output", help="also write the results as JSON here")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.int8 and args.backend != "onnx":
+        p.error("--int8 needs --backend onnx")
+    args.precision = "int8" if args.int8 else "fp32"
+    return args
 
 
 def make_package(root: Path, model_name: str, image_size: int) -> str:
@@ -82,6 +93,27 @@ def make_package(root: Path, model_name: str, image_size: int) -> str:
         "data_config": model_data_config(model, image_size),
     }
     return save_model_package(str(root / "package"), model, meta)
+
+
+def export_for_backend(model_uri: str, payloads: list[bytes], args: argparse.Namespace) -> None:
+    """With ``--backend onnx``: export the package (fp32, and int8 with ``--int8``), checked on the payloads.
+
+    The weights are random, so int8's accuracy is meaningless here: its tolerance is lifted (its fp32 check holds)."""
+    if args.backend != "onnx":
+        return
+    from cls_ray.config import ExportConfig
+    from cls_ray.export import export_package
+
+    folder = Path(model_uri).parent / "calibration"
+    folder.mkdir()
+    for i, data in enumerate(payloads):
+        (folder / f"{i:05d}.png").write_bytes(data)
+    cfg = ExportConfig(max_images=len(payloads), int8_max_accuracy_drop=1.0)
+    for r in export_package(model_uri, "onnx", int8=args.int8, calibration_data=str(folder), cfg=cfg):
+        print(
+            f"exported {r['file']}: {r['bytes'] / 1e6:.2f} MB, max abs diff {r['parity']['max_abs_diff']:.2e}, "
+            f"top-1 agreement {r['parity']['top1_agreement']:.3f}"
+        )
 
 
 def make_payloads(num_images: int, side: int, root: Path = FASHION_MNIST_DIR) -> list[bytes]:
@@ -145,10 +177,17 @@ def load_from_process(
     return pool.submit(run_load, url, payloads, concurrency, args.duration, args.warmup).result()
 
 
-def measure_direct(model_uri: str, payloads: list[bytes], duration: float, threads: int) -> dict:
+def measure_direct(
+    model_uri: str,
+    payloads: list[bytes],
+    duration: float,
+    threads: int,
+    backend: str = "torch",
+    precision: str = "fp32",
+) -> dict:
     """The same preprocessing and forward pass, batch of one, called in-process: the no-HTTP baseline."""
     torch.set_num_threads(threads)
-    predictor = Predictor.from_uri(model_uri)
+    predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
     for data in payloads[:8]:
         predictor.predict_batch([predictor.preprocess(data)])
     latencies = []
@@ -175,6 +214,8 @@ def serve_config(args: argparse.Namespace, port: int, max_batch_size: int) -> Se
         max_batch_size=max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         max_ongoing_requests=max(64, 2 * args.max_batch_size),
+        backend=args.backend,
+        onnx_precision=args.precision,
     )
 
 
@@ -263,7 +304,9 @@ def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes])
                     }
                     result["mean_batch_size"] = replica_stats(url)["mean_batch_size"]
                     results[key].append(result)
-                results["direct"].append(measure_direct(model_uri, payloads, args.duration, args.model_cpus))
+                results["direct"].append(
+                    measure_direct(model_uri, payloads, args.duration, args.model_cpus, args.backend, args.precision)
+                )
     finally:
         stop_serving()
         ray.shutdown()
@@ -338,7 +381,9 @@ def measure_model_batching(model_uri: str, payloads: list[bytes], args: argparse
     """What batching gains at the model alone: images/s of ``predict_batch`` at batch 1 and at --max-batch-size."""
     if args.device == "cpu":
         torch.set_num_threads(args.model_cpus)
-    predictor = Predictor.from_uri(model_uri, device=args.device, amp=args.amp)
+    predictor = Predictor.from_uri(
+        model_uri, device=args.device, amp=args.amp, backend=args.backend, precision=args.precision
+    )
     arrays = [predictor.preprocess(data) for data in payloads]
     rates = {}
     for size in (1, args.max_batch_size):
@@ -353,8 +398,9 @@ def measure_model_batching(model_uri: str, payloads: list[bytes], args: argparse
     speedup = rates[args.max_batch_size] / rates[1]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.model_cpus} CPU thread(s)"
     amp = args.amp if args.device != "cpu" else "none"
+    backend = f"{args.backend} {args.precision}" if args.backend == "onnx" else "torch"
     print(
-        f"\nmodel alone ({args.model} @ {args.image_size}px, {name}, amp {amp}):"
+        f"\nmodel alone ({args.model} @ {args.image_size}px, {backend}, {name}, amp {amp}):"
         f" batch 1 {rates[1]:.0f} img/s, batch {args.max_batch_size} {rates[args.max_batch_size]:.0f} img/s"
         f" = {speedup:.1f}x"
     )
@@ -363,6 +409,7 @@ def measure_model_batching(model_uri: str, payloads: list[bytes], args: argparse
         f"batch_{args.max_batch_size}_img_s": rates[args.max_batch_size],
         "speedup": speedup,
         "device": name,
+        "backend": backend,
     }
 
 
@@ -372,6 +419,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cls-ray-serve-bench-") as tmp:
         model_uri = make_package(Path(tmp), args.model, args.image_size)
         payloads = make_payloads(args.num_images, args.image_size, args.fashion_mnist_dir)
+        export_for_backend(model_uri, payloads, args)
         model_alone = measure_model_batching(model_uri, payloads, args)
         if args.model_only:
             return

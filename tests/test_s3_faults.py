@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 class TcpProxy:
     """A loopback TCP proxy in front of the S3 server: ``delay_s`` before each forwarded chunk (both ways); the
-    first ``resets`` connections that carry more than ``reset_after`` bytes of answers are reset (RST) there."""
+    first ``max_resets`` connections that carry more than ``reset_after`` bytes of answers are reset (RST) there."""
 
     def __init__(
         self,
