@@ -239,14 +239,14 @@ def digits_folders(tmp_path_factory) -> Path:
     return write_digits_folders(tmp_path_factory.mktemp("digits"))
 
 
-#: The tiny real training run whose package the report, export, predict and serve tests share (one per session).
-TRAINED_PACKAGE_OVERRIDES = [
+FAST_TRAIN = [
     "model.name=resnet10t",
     "model.image_size=32",
     "model.crop_pct=1.0",
     "data.batch_size=32",
     "data.auto_augment=null",
     "data.color_jitter=0",
+    "data.hflip=0",
     "data.re_prob=0",
     "data.scale=[0.6,1.0]",
     "data.eval_batch_size=128",
@@ -254,6 +254,12 @@ TRAINED_PACKAGE_OVERRIDES = [
     "data.decode_concurrency=1",
     "optim.lr=0.003",
     "optim.warmup_epochs=0",
+]
+"""Tiny, fast training settings for digits at 32 px: ResNet-10-T, light augmentation, one decode task."""
+
+#: The tiny real training run whose package the report, export, predict and serve tests share (one per session).
+TRAINED_PACKAGE_OVERRIDES = [
+    *FAST_TRAIN,
     "train.epochs=4",
     "train.num_workers=1",
     "train.cpus_per_worker=1",

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import write_digits_folders
+from conftest import FAST_TRAIN, write_digits_folders
 from PIL import Image
 
 from cls_ray import storage
@@ -26,23 +26,7 @@ from cls_ray.train.trainer import train
 
 pytestmark = pytest.mark.ray
 
-FFCV_TRAIN = [
-    "data.format=ffcv",
-    "model.name=resnet10t",
-    "model.image_size=32",
-    "model.crop_pct=1.0",
-    "data.batch_size=32",
-    "data.auto_augment=null",
-    "data.color_jitter=0",
-    "data.hflip=0",
-    "data.re_prob=0",
-    "data.scale=[0.6,1.0]",
-    "data.eval_batch_size=128",
-    "data.decode_cpus=0.5",
-    "data.decode_concurrency=1",
-    "optim.lr=0.003",
-    "optim.warmup_epochs=0",
-]
+FFCV_TRAIN = ["data.format=ffcv", *FAST_TRAIN]
 
 
 @pytest.fixture(scope="module")
