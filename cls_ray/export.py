@@ -42,7 +42,13 @@ from cls_ray import storage
 from cls_ray.config import ExportConfig
 from cls_ray.data.transforms import normalize
 from cls_ray.export_images import ParityImages, load_parity_images
-from cls_ray.package import META_FILE, ModelPackage, load_model_package, read_package_meta
+from cls_ray.package import (
+    META_FILE,
+    ModelPackage,
+    load_model_package,
+    read_package_meta,
+    update_package_meta,
+)
 from cls_ray.predict import Predictor
 
 logger = logging.getLogger(__name__)
@@ -362,8 +368,9 @@ def record_exports(model_uri: str, exports: list[Export], output_uri: str | None
     for export in exports:
         storage.write_bytes(storage.join(target, export.file), export.data)
     written = {e.file for e in exports}
-    meta["exports"] = [e for e in meta.get("exports", []) if e["file"] not in written] + [e.record for e in exports]
-    storage.write_json(storage.join(target, META_FILE), meta)
+    records = [e for e in meta.get("exports", []) if e["file"] not in written] + [e.record for e in exports]
+    # The stored JSON plus the records: a format-1 package keeps deriving its name and version when read.
+    update_package_meta(model_uri, {"exports": records}, target_uri=target)
     logger.info("recorded %s in %s", ", ".join(sorted(written)), storage.join(target, META_FILE))
     return target
 

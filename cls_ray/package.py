@@ -132,6 +132,26 @@ def read_package_meta(uri: str) -> dict[str, Any]:
     return meta
 
 
+def update_package_meta(uri: str, updates: dict[str, Any], target_uri: str | None = None) -> dict[str, Any]:
+    """Rewrite ``model.json`` of the package at ``uri`` (or at ``target_uri``, a copy) with ``updates`` merged in.
+
+    The stored JSON is rewritten as it is, plus ``updates``: a format-1 package stays format 1 (its name and version
+    are derived when read, never written), and the weights' digest is never touched. One write, so the package is
+    either as before or as after. Returns the written metadata.
+
+    Raises:
+        PackageError: no package at ``uri``, or ``updates`` tries to change what the weights decide.
+    """
+    forbidden = {"version", "weights_sha256", "format_version"} & set(updates)
+    if forbidden:
+        raise PackageError(f"model.json: {sorted(forbidden)} follow from the weights and are never updated")
+    read_package_meta(uri)  # the same checks as every reader
+    raw = storage.read_json(storage.join(uri, META_FILE))
+    raw.update(updates)
+    storage.write_json(storage.join(target_uri or uri, META_FILE), raw)
+    return raw
+
+
 def load_model_package(uri: str, device: str | torch.device = "cpu") -> ModelPackage:
     """Load a package written by :func:`save_model_package`; the model is in eval mode on ``device``."""
     meta = read_package_meta(uri)

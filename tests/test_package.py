@@ -13,7 +13,14 @@ import torch
 
 from cls_ray.config import ConfigError, load_config
 from cls_ray.models import model_data_config
-from cls_ray.package import PackageError, load_model_package, package_name, read_package_meta, save_model_package
+from cls_ray.package import (
+    PackageError,
+    load_model_package,
+    package_name,
+    read_package_meta,
+    save_model_package,
+    update_package_meta,
+)
 
 
 def _meta(model: torch.nn.Module, **extra) -> dict:
@@ -74,6 +81,36 @@ def test_previous_format_packages_load_with_a_derived_name_and_version(tmp_path)
     package = load_model_package(uri)
     weights = Path(uri, "model.safetensors").read_bytes()
     assert package.name == "resnet10t" and package.version == hashlib.sha256(weights).hexdigest()[:12]
+
+
+def test_metadata_updates_keep_the_stored_format(tmp_path):
+    """Recording an export or a calibration rewrites model.json as stored: a format-1 package stays format 1 (its
+    name and version are still derived when read, not frozen into the file), and the weights' digest and version
+    cannot be updated."""
+    model = _model(0)
+    uri = str(tmp_path / "old")
+    save_model_package(uri, model, _meta(model, name="ignored"))
+    meta_path = Path(uri, "model.json")
+    old = json.loads(meta_path.read_text())
+    for key in ("name", "version", "weights_sha256"):
+        del old[key]
+    old["format_version"] = 1
+    meta_path.write_text(json.dumps(old))
+
+    update_package_meta(uri, {"calibration": {"temperature": 1.7}})
+    stored = json.loads(meta_path.read_text())
+    assert stored["format_version"] == 1 and "name" not in stored and "version" not in stored
+    assert stored["calibration"] == {"temperature": 1.7}
+    assert read_package_meta(uri)["name"] == "resnet10t"
+    copy = tmp_path / "copy"
+    update_package_meta(uri, {"exports": []}, target_uri=str(copy))
+    assert json.loads((copy / "model.json").read_text())["exports"] == []
+    for key in ("version", "weights_sha256", "format_version"):
+        with pytest.raises(PackageError, match=key):
+            update_package_meta(uri, {key: "x"})
+    assert json.loads(meta_path.read_text()) == stored
+    with pytest.raises(PackageError, match="model.json is missing"):
+        update_package_meta(str(tmp_path / "nothing"), {"calibration": {}})
 
 
 def test_weights_that_do_not_match_model_json_are_refused(tmp_path):
