@@ -92,7 +92,8 @@ def _metadata(meta: dict[str, Any]) -> dict[str, str]:
         "classes": json.dumps(list(meta["classes"])),
         "data_config": json.dumps(meta["data_config"]),
         "input": "float32 NCHW RGB, (pixel / 255 - mean) / std with data_config's mean and std",
-        "output": "logits (softmax gives class probabilities, in the order of classes)",
+        "output": "logits (softmax(logits / temperature) gives class probabilities, in the order of classes)",
+        "temperature": str(float(meta.get("calibration", {}).get("temperature", 1.0))),
     }
 
 
@@ -203,16 +204,23 @@ def quantize_int8(fp32: bytes, images: ParityImages, data_config: dict[str, Any]
             return f.read()
 
 
-def _torchscript_predict(data: bytes, data_config: dict[str, Any]) -> Callable[[list[np.ndarray]], np.ndarray]:
+def _torchscript_predict(
+    data: bytes, data_config: dict[str, Any], temperature: float
+) -> Callable[[list[np.ndarray]], np.ndarray]:
     with _quiet_exporters():  # our own bytes, made a moment ago in this process: nothing is loaded from storage
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
 
     @torch.inference_mode()
     def predict(images: list[np.ndarray]) -> np.ndarray:
         x = normalize(torch.from_numpy(np.stack(images)), data_config["mean"], data_config["std"])
-        return torch.softmax(module(x).float(), dim=1).numpy()
+        return torch.softmax(module(x).float() / temperature, dim=1).numpy()
 
     return predict
+
+
+def runner_temperature(package: ModelPackage) -> float:
+    """The calibrated temperature the package records (1 without one): exports score as serving does."""
+    return float(package.meta.get("calibration", {}).get("temperature", 1.0))
 
 
 def make_export(package: ModelPackage, fmt: str, precision: str, data: bytes) -> Export:
@@ -220,7 +228,7 @@ def make_export(package: ModelPackage, fmt: str, precision: str, data: bytes) ->
     if fmt == "onnx":
         runner = Predictor(package, backend="onnx", onnx_model=data)
         return Export(fmt, precision, data, runner.predict_batch)
-    return Export(fmt, precision, data, _torchscript_predict(data, package.data_config))
+    return Export(fmt, precision, data, _torchscript_predict(data, package.data_config, runner_temperature(package)))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ class OnnxRuntimeModel:
 class Predictor:
     """A loaded model package ready for inference: uint8 CHW images in, class probabilities out.
 
+    Probabilities are calibrated by the temperature the package records (``calibration.temperature`` in
+    ``model.json``, written by ``cls-ray report --calibrate``), so serving and batch prediction both use it.
+
     Backend, device, autocast and memory format are decided once here (for the torch backend: channels-last and
     bf16/fp16 autocast on CUDA, float32 on CPU), so :meth:`predict_batch` only calls the chosen forward. The onnx
     backend runs an ONNX export of the same package (:class:`OnnxRuntimeModel`) after the same preprocessing and
@@ -121,6 +124,7 @@ class Predictor:
         self.mean = list(package.data_config["mean"])
         self.std = list(package.data_config["std"])
         self.transform = create_image_transform(package.data_config)
+        self.temperature = float(package.meta.get("calibration", {}).get("temperature", 1.0))
         if backend == "torch":
             self._init_torch(torch.device(device), amp)
         elif backend == "onnx":
@@ -187,12 +191,17 @@ class Predictor:
         return preprocess_image(data, self.transform, max_pixels)
 
     @torch.inference_mode()
-    def predict_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Class probabilities (N, C) float32 of preprocessed uint8 CHW images."""
+    def logits_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Raw float32 logits (N, C), on the CPU, of preprocessed uint8 CHW images (no temperature applied)."""
         batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
         x = normalize(batch, self.mean, self.std).contiguous(memory_format=self.memory_format)
-        logits = self._forward(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return self._forward(x).float().cpu()
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities (N, C) float32 of preprocessed uint8 CHW images: the softmax of the logits divided
+        by the package's calibrated temperature (:attr:`temperature`, 1 unless ``cls-ray report --calibrate``
+        fitted one)."""
+        return torch.softmax(self.logits_batch(images) / self.temperature, dim=1).numpy()
 
     def predict_bytes(
         self, images: Sequence[bytes], batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS
