@@ -64,6 +64,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cls_ray.report.build import build_report, print_report
+
+    cfg = load_config(args.config, args.overrides)
+    report = build_report(
+        args.model, args.data, split=args.split, output_dir=args.output, cfg=cfg.report, calibrate=args.calibrate
+    )
+    print_report(report)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cls_ray.export import export_package, print_exports
 
@@ -151,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="where to write metrics (default: MODEL/eval-SPLIT)")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page (+ report.json, MODEL_CARD.md) explaining and stress-testing a model",
+    )
+    p.add_argument("model", help="model package (local dir or s3:// URI)")
+    p.add_argument("data", help="dataset written by cls-ray ingest (local dir or s3:// URI)")
+    p.add_argument("--split", default="test", help="split to report on (default: test)")
+    p.add_argument("--output", help="output folder (default: MODEL/report-SPLIT; local or s3://)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="write the temperature fitted on the validation split into the package (serve and predict use it)",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("predict", help="score every image below a folder or s3:// prefix (Ray Data) into Parquet/CSV")
     p.add_argument("model", help="model package URI")

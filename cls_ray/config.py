@@ -624,7 +624,80 @@ class ExportConfig:
         _check(self.max_pixels > 0, "export.max_pixels", "must be positive")
 
 
-PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "export", "predict", "serve")
+@dataclass
+class ReportConfig:
+    """``cls-ray report``: the model report (metrics with intervals, curves, top losses, Grad-CAM, robustness,
+    calibration, slices) and the package's model card."""
+
+    corruptions: list[str] = field(
+        default_factory=lambda: [
+            "gaussian_noise",
+            "gaussian_blur",
+            "jpeg",
+            "low_light",
+            "contrast",
+            "grayscale",
+            "shift",
+        ]
+    )
+    """Corruptions of the robustness section (see :mod:`cls_ray.report.corruptions`); an empty list skips it."""
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Severities of each corruption (0 is the clean image; 1-3 get stronger)."""
+    robustness_max_images: int | None = 2000
+    """Images (a seeded sample, stratified by class) of the split the corrupted passes score; None scores all."""
+    top_losses: int = 24
+    """Misclassified images with the highest loss shown (and explained with Grad-CAM)."""
+    gallery_per_class: int = 4
+    """Correct and wrong examples shown per class (each)."""
+    gradcam_per_class: int = 1
+    """Grad-CAM overlays of correctly classified images per class, besides those of the top losses."""
+    gradcam_max_images: int = 64
+    """At most this many Grad-CAM overlays in all."""
+    bootstrap_resamples: int = 1000
+    """Bootstrap resamples of the 95% intervals of the summary metrics."""
+    calibration_bins: int = 15
+    """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
+    slice_min_images: int = 10
+    """Groups with fewer images are listed but never flagged."""
+    slice_flag_drop: float = 0.1
+    """A group is flagged when its top-1 is more than this below the split's."""
+    batch_size: int = 128
+    """Images per forward pass of a model replica."""
+    use_gpu: bool = False
+    """One GPU per model replica (and for Grad-CAM)."""
+    max_replicas: int | None = None
+    """Model replicas of the Ray Data actor pool; None: one per GPU, or the CPUs less one for decoding."""
+    thumbnail_size: int = 96
+    """Side in pixels of the thumbnails on the page."""
+    seed: int = 0
+    """Seeds the robustness sample, the noise and the bootstrap: two reports of one split give the same numbers."""
+
+    def __post_init__(self) -> None:
+        from cls_ray.report.corruptions import CORRUPTIONS
+
+        for name in self.corruptions:
+            _check(
+                name in CORRUPTIONS,
+                "report.corruptions",
+                f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}",
+            )
+        _check(all(0 <= s <= 3 for s in self.severities), "report.severities", "each must be 0, 1, 2 or 3")
+        _check(
+            self.robustness_max_images is None or self.robustness_max_images >= 1,
+            "report.robustness_max_images",
+            "must be at least 1, or null for the whole split",
+        )
+        for key in ("top_losses", "gallery_per_class", "gradcam_per_class", "gradcam_max_images", "slice_min_images"):
+            _check(getattr(self, key) >= 0, f"report.{key}", "must not be negative")
+        _check(self.bootstrap_resamples >= 10, "report.bootstrap_resamples", "must be at least 10")
+        _check(self.calibration_bins >= 2, "report.calibration_bins", "must be at least 2")
+        _check(0 < self.slice_flag_drop < 1, "report.slice_flag_drop", "must be in (0, 1)")
+        _check(self.batch_size >= 1, "report.batch_size", "must be at least 1")
+        _check(self.max_replicas is None or self.max_replicas >= 1, "report.max_replicas", "must be >= 1 or null")
+        _check(16 <= self.thumbnail_size <= 512, "report.thumbnail_size", "must be in [16, 512]")
+
+
+PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "report", "export", "predict", "serve")
 
 
 @dataclass
@@ -632,8 +705,9 @@ class PipelineConfig:
     """Which stages ``cls-ray pipeline`` runs, in chain order."""
 
     stages: list[str] = field(default_factory=lambda: ["ingest", "tune", "train", "evaluate"])
-    """Any of ingest, tune, train, evaluate, serve. With both tune and train, the search runs on
-    ``tune_subset_per_class`` images per class and the winning configuration is then trained on the full data."""
+    """Any of ingest, tune, train, evaluate, report, export, predict, serve. With both tune and train, the search
+    runs on ``tune_subset_per_class`` images per class and the winning configuration is
+    then trained on the full data."""
     tune_subset_per_class: int | None = None
     """Search on at most this many training images per class (a quick proxy task); None searches on everything."""
     serve_samples: int = 8
@@ -670,6 +744,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     source: str | None = None
     """Pipeline input: class folders (local or s3://)."""

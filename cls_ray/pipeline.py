@@ -46,6 +46,7 @@ class PipelineResult:
     package_uri: str | None = None
     search: Any = None
     test_metrics: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
     exports: list[dict[str, Any]] | None = None
     predictions: dict[str, Any] | None = None
     url: str | None = None
@@ -89,8 +90,12 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         raise ConfigError(
             "pipeline.predict_source: the predict stage needs the images to score (a folder or s3:// prefix)"
         )
-    if set(stages) & {"evaluate", "export", "predict", "serve"} and not ("tune" in stages or "train" in stages):
-        raise ConfigError("pipeline.stages: evaluate, export, predict and serve need a model: include tune or train")
+    if set(stages) & {"evaluate", "report", "export", "predict", "serve"} and not (
+        "tune" in stages or "train" in stages
+    ):
+        raise ConfigError(
+            "pipeline.stages: evaluate, report, export, predict and serve need a model: include tune or train"
+        )
     write_resolved(cfg, cfg.workdir)
     result = PipelineResult(dataset_uri=storage.join(cfg.workdir, "dataset"))
     if "ingest" in stages:
@@ -112,6 +117,11 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         result.test_metrics = evaluate(
             result.package_uri, result.dataset_uri, split="test", output_dir=storage.join(cfg.workdir, "evaluation")
         )
+    if "report" in stages:
+        from cls_ray.report.build import build_report, print_report
+
+        result.report = build_report(result.package_uri, result.dataset_uri, split="test", cfg=cfg.report)
+        print_report(result.report)
     if "export" in stages:
         from cls_ray.export import export_package, print_exports
 

@@ -1,0 +1,304 @@
+"""``cls-ray report``: the numbers against ``cls-ray evaluate``, robustness, Grad-CAM localisation, calibration, the
+page in a real headless Chromium, and bad input.
+
+Models: the session's trained digits package (a real ``cls-ray train`` run), and two made here in-process: a
+ResNet-10-T trained on images whose class is decided only by a faint fine texture in the top-left quadrant (so its
+evidence has a known place, and Gaussian noise destroys it by construction), and a digits model whose logits are
+scaled up (over-confident by construction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import timm
+import torch
+from conftest import free_port, write_digits_folders
+from PIL import Image
+from test_serve import make_digits_package
+from test_serve_browser import CHROMIUM, CHROMIUM_ARGS
+
+from cls_ray import storage
+from cls_ray.config import ConfigError, IngestConfig, ReportConfig, load_config
+from cls_ray.data.ingest import ingest
+from cls_ray.data.transforms import create_eval_transform, normalize
+from cls_ray.evaluate import compute_metrics
+from cls_ray.export import export_package
+from cls_ray.models import model_data_config
+from cls_ray.package import PackageError, load_model_package, read_package_meta, save_model_package
+from cls_ray.predict import Predictor
+from cls_ray.report.build import REPORT_HTML, REPORT_JSON, ReportError, build_report
+from cls_ray.report.corruptions import CORRUPTIONS
+from cls_ray.report.gradcam import grad_cam, overlay
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ARTIFACTS = Path(os.environ.get("CLS_RAY_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+QUADRANT = 32  # the marked region: the top-left 32x32 of a 64x64 image
+MARKED_CLASSES = ["checker", "stripes"]
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _marked_image(cls: str, rng: np.random.Generator, amplitude: float = 0.06) -> np.ndarray:
+    """64x64 RGB: a smooth random background; the top-left quadrant holds the class's faint 1-pixel texture."""
+    coarse = rng.uniform(0.3, 0.7, size=(4, 4)).astype(np.float32)
+    background = np.asarray(Image.fromarray(coarse, "F").resize((64, 64), Image.Resampling.BICUBIC))
+    i, j = np.mgrid[0:QUADRANT, 0:QUADRANT]
+    pattern = ((i + j) % 2) * 2.0 - 1.0 if cls == "checker" else (i % 2) * 2.0 - 1.0
+    image = background.copy()
+    image[:QUADRANT, :QUADRANT] = background[:QUADRANT, :QUADRANT].mean() + amplitude * pattern
+    gray = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return np.stack([gray] * 3, axis=-1)
+
+
+def _write_marked(root: Path, per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls in MARKED_CLASSES:
+        (root / cls).mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(_marked_image(cls, rng)).save(root / cls / f"{cls}_{k:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def marked(tmp_path_factory):
+    """The marked-region dataset (ingested) and a ResNet-10-T package trained on other images of the same kind."""
+    root = tmp_path_factory.mktemp("report-marked")
+    dataset = root / "dataset"
+    ingest(str(_write_marked(root / "folders", 60, seed=1)), str(dataset), IngestConfig(), summary=False)
+    train_root = _write_marked(root / "train-folders", 100, seed=2)
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=2)
+    data_config = model_data_config(model, 64)
+    transform = create_eval_transform(data_config)
+    paths = sorted(train_root.glob("*/*.png"))
+    x = normalize(
+        torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]),
+        data_config["mean"],
+        data_config["std"],
+    )
+    y = torch.tensor([MARKED_CLASSES.index(p.parent.name) for p in paths])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(10):
+        for idx in torch.randperm(len(y)).split(32):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    model.eval()
+    package = root / "package"
+    meta = {"name": "marked", "architecture": "resnet10t", "classes": MARKED_CLASSES, "data_config": data_config}
+    save_model_package(str(package), model, meta)
+    return {"dataset": dataset, "package": package, "root": root}
+
+
+def _check_page(html: Path, screenshot: Path) -> dict:
+    """Open the page in headless Chromium: every section, every image decoded, no request leaves the file, no
+    console error. Returns what was seen."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, requests = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(html.as_uri())
+        page.wait_for_load_state("load")
+        seen = page.evaluate(
+            """() => ({
+                sections: Array.from(document.querySelectorAll('section')).map(s => s.id),
+                images: document.images.length,
+                broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length,
+                firstClass: document.querySelector('#per-class tbody tr td').textContent,
+            })"""
+        )
+        # the per-class table sorts by F1 on a click (twice: ascending then descending)
+        page.click("#per-class th:nth-child(4)")
+        page.click("#per-class th:nth-child(4)")
+        seen["f1_sorted"] = page.evaluate(
+            "Array.from(document.querySelectorAll('#per-class tbody tr td:nth-child(4)')).map(c => +c.dataset.v)"
+        )
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    outside = [u for u in requests if not u.startswith(("file://", "data:"))]
+    assert not outside, f"the page fetched {outside[:3]}"
+    assert not errors, f"console errors: {errors[:3]}"
+    assert seen["images"] > 0 and seen["broken"] == 0, seen
+    return seen
+
+
+def test_report_of_the_trained_model(ray_instance, trained_package, tmp_path):
+    """On the session's trained package: clean numbers equal evaluate's, severity 0 equals clean, every section
+    renders in Chromium, report.json holds the numbers, the package gains its model card."""
+    package, dataset = str(trained_package["package"]), str(trained_package["dataset"])
+    out = tmp_path / "report"
+    cfg = ReportConfig(severities=[0, 1, 2, 3], robustness_max_images=None, bootstrap_resamples=200)
+    report = build_report(package, dataset, "test", str(out), cfg)
+
+    scalars, details = compute_metrics(package, dataset, "test")
+    assert report["metrics"]["top1"] == scalars["top1"]
+    assert report["metrics"]["f1_macro"] == pytest.approx(scalars["f1_macro"], abs=1e-6)
+    assert report["confusion_matrix"] == details["confusion_matrix"]
+    for name in ("top1", "f1_macro"):
+        ci = report["intervals"][name]
+        assert ci["low"] <= report["metrics"][name] <= ci["high"]
+
+    rows = {(r["corruption"], r["severity"]): r["top1"] for r in report["robustness"]["rows"]}
+    assert set(c for c, _ in rows) == set(CORRUPTIONS)
+    for name in CORRUPTIONS:
+        assert rows[(name, 0)] == pytest.approx(scalars["top1"], abs=1e-6), f"{name} at severity 0 is not clean"
+    assert min(rows[(n, 3)] for n in CORRUPTIONS) < scalars["top1"]  # the corruptions really reach the model
+
+    written = json.loads((out / REPORT_JSON).read_text())
+    assert written["format_version"] == 1
+    assert written["metrics"]["top1"] == report["metrics"]["top1"]
+    assert written["history"] and written["history"][-1]["epoch"] == 4
+    assert "thumbnail" not in json.dumps(written["top_losses"])  # pictures stay on the page
+    assert report["gradcam"]["error"] is None and report["gradcam"]["overlays"]
+    card = (trained_package["package"] / "MODEL_CARD.md").read_text()
+    assert "## Evaluation results" in card and f"{report['metrics']['top1']:.4f}" in card
+
+    seen = _check_page(out / REPORT_HTML, ARTIFACTS / "report-digits.png")
+    assert seen["sections"] == [
+        "summary", "curves", "confusion", "top-losses", "gallery", "gradcam", "robustness", "calibration", "slices"
+    ]  # fmt: skip
+    assert seen["f1_sorted"] == sorted(seen["f1_sorted"], reverse=True)
+
+    again = build_report(package, dataset, "test", str(tmp_path / "again"), cfg)
+    assert again["robustness"]["rows"] == report["robustness"]["rows"]  # seeded: the same numbers
+
+
+def test_noise_sensitive_model_and_gradcam_localisation(ray_instance, marked, tmp_path):
+    """A model whose only evidence is a faint texture: accuracy never rises with noise severity and falls by the
+    strongest; its Grad-CAM mass lies mostly in the marked quadrant; the report holds the overlays."""
+    cfg = ReportConfig(
+        corruptions=["gaussian_noise", "gaussian_blur"],
+        severities=[1, 2, 3],
+        robustness_max_images=None,
+        bootstrap_resamples=50,
+        gallery_per_class=1,
+    )
+    report = build_report(str(marked["package"]), str(marked["dataset"]), "test", str(tmp_path / "r"), cfg)
+    clean = report["metrics"]["top1"]
+    assert clean >= 0.9, "the marked-texture model did not learn its task"
+    for name in cfg.corruptions:
+        accuracies = [clean] + [
+            r["top1"]
+            for r in sorted(report["robustness"]["rows"], key=lambda r: r["severity"])
+            if r["corruption"] == name
+        ]
+        assert all(b <= a for a, b in zip(accuracies, accuracies[1:], strict=False)), (name, accuracies)
+        assert accuracies[-1] < clean - 0.2, (name, accuracies)
+    assert report["gradcam"]["layer"] == "layer3"  # 64 px: layer4 is 2x2, layer3 the deepest with 4x4 cells
+    assert report["gradcam"]["overlays"]
+
+    package = load_model_package(str(marked["package"]))
+    rng = np.random.default_rng(7)
+    transform = create_eval_transform(package.data_config)
+    images, targets = [], []
+    for c, cls in enumerate(MARKED_CLASSES):
+        for _ in range(6):
+            images.append(transform(Image.fromarray(_marked_image(cls, rng))).numpy())
+            targets.append(c)
+    layer, maps = grad_cam(
+        package.model, np.stack(images), targets, package.data_config["mean"], package.data_config["std"]
+    )
+    inside = maps[:, :QUADRANT, :QUADRANT].sum(axis=(1, 2)) / np.maximum(maps.sum(axis=(1, 2)), 1e-9)
+    assert np.median(inside) > 0.6, f"Grad-CAM mass in the marked quarter of the image: {inside.round(2)}"
+    assert overlay(images[0], maps[0]).shape == (64, 64, 3)
+
+
+def test_gradcam_on_a_vit(tmp_path):
+    """A ViT (timm's test_vit) gets its tokens reshaped to the patch grid and produces real heatmaps."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=3, img_size=64).eval()
+    images = (np.random.default_rng(0).uniform(0, 255, size=(3, 3, 64, 64))).astype(np.uint8)
+    layer, maps = grad_cam(model, images, [0, 1, 2], [0.5] * 3, [0.5] * 3)
+    assert layer.endswith(".norm1") and maps.shape == (3, 64, 64)
+    assert all(m.max() > m.min() for m in maps)
+    assert overlay(images[0], maps[0]).dtype == np.uint8
+
+
+def test_calibration_of_an_over_confident_model(ray_instance, tmp_path):
+    """Logits scaled by 8: the fitted temperature is > 1 and lowers the ECE; ``cls-ray report --calibrate`` writes
+    it into model.json and predictions then use it."""
+    root = tmp_path
+    uri = str(root / "package")
+    make_digits_package(uri, root)
+    package = load_model_package(uri)
+    with torch.no_grad():
+        package.model.fc.weight.mul_(8.0)
+        package.model.fc.bias.mul_(8.0)
+    meta = {k: package.meta[k] for k in ("name", "architecture", "classes", "data_config")}
+    confident = str(root / "confident")
+    save_model_package(confident, package.model, meta)
+    dataset = root / "dataset"
+    # Only digits the head was not fitted on (its first 20 per class), so validation and test are alike and the model
+    # makes mistakes on both (on a split it gets entirely right, the temperature is not informative and the report
+    # refuses to write one).
+    unseen = write_digits_folders(root / "unseen", per_class=80)
+    for folder in unseen.iterdir():
+        for fitted in sorted(folder.glob("*.png"))[:20]:
+            fitted.unlink()
+    # 270 images each in validation and test: ECE over 15 bins is too noisy on fewer to compare before and after.
+    ingest(str(unseen), str(dataset), IngestConfig(val_fraction=0.45, test_fraction=0.45), summary=False)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run(
+        [sys.executable, "-m", "cls_ray.cli", "report", confident, str(dataset), "--calibrate",
+         "--set", "report.corruptions=[]", "--set", "report.gradcam_max_images=0"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report:" in done.stdout and "report-test/report.html" in done.stdout
+    report = json.loads((Path(confident) / "report-test" / REPORT_JSON).read_text())
+    cal = report["calibration"]
+    assert cal["temperature"] > 1.5 and cal["ece_after"] < cal["ece_before"], cal
+    recorded = read_package_meta(confident)["calibration"]
+    assert recorded["temperature"] == pytest.approx(cal["temperature"])
+    predictor = Predictor.from_uri(confident)
+    image = np.asarray(create_eval_transform(predictor.package.data_config)(
+        Image.open(sorted((root / "digits" / "digit_3").glob("*.png"))[0]).convert("RGB")
+    ))  # fmt: skip
+    logits = predictor.logits_batch([image])
+    expected = torch.softmax(logits / recorded["temperature"], dim=1).numpy()
+    np.testing.assert_allclose(predictor.predict_batch([image]), expected, rtol=1e-5, atol=1e-7)
+    assert predictor.predict_batch([image]).max() < torch.softmax(logits, dim=1).max().item()
+    # An export of the calibrated package scores as the package does: its parity check applies the temperature.
+    (record,) = export_package(confident, "torchscript", calibration_data=str(unseen))
+    assert record["parity"]["max_abs_diff"] <= 1e-4, record["parity"]
+
+
+def test_bad_input_is_named_and_leaves_nothing(ray_instance, trained_package, marked, tmp_path, monkeypatch):
+    package, dataset = str(trained_package["package"]), str(trained_package["dataset"])
+    out = tmp_path / "never"
+    with pytest.raises(PackageError, match="predicts classes"):
+        build_report(package, str(marked["dataset"]), "test", str(out))
+    with pytest.raises(ReportError, match="no split 'holdout'"):
+        build_report(package, dataset, "holdout", str(out))
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("CLS_RAY_S3_MAX_ATTEMPTS", "1")
+    with pytest.raises(Exception, match="s3://cls-ray-nowhere/ds"):
+        build_report(package, "s3://cls-ray-nowhere/ds", "test", str(out))
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="report.corruptions"):
+        load_config(None, ["report.corruptions=[fog]"])
+    assert storage.exists(package)
