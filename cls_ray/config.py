@@ -102,8 +102,33 @@ class IngestConfig:
     """``smart`` mode: images whose raw pixels take more bytes than this are stored as JPEG."""
     ffcv_max_resolution: int | None = None
     """Longest side in the .beton (larger images are downscaled); None keeps the stored images' size."""
+    group_by: str | None = None
+    """Images that belong together (one patient, session, device) stay in one split: a regular expression searched
+    in each file's path relative to SRC (``/`` separators, class folder first; a pre-split tree's split folder
+    before it) whose first capture group, or whole match without one, names the file's group. Examples:
+    ``^[^/]+/([^/]+)/`` (the first folder below the class), ``(patient\\d+)_`` (a filename prefix). Every file must
+    match. The split stays stratified by class as closely as the groups allow; Parquet rows carry the group."""
+    group_file: str | None = None
+    """Instead of ``group_by``: a CSV (header ``path,group``) or JSON (``{"path": "group"}``) file, local or
+    s3://, giving every file's group by its path relative to SRC."""
+    group_tolerance: float = 0.05
+    """Under a group split, the largest acceptable gap between a split's share of the images and its fraction; a
+    larger one is reported (log and manifest ``split.groups``), since a few large groups cannot be cut finely."""
 
     def __post_init__(self) -> None:
+        _check(
+            not (self.group_by and self.group_file),
+            "ingest.group_by and ingest.group_file",
+            "set one of them, not both",
+        )
+        if self.group_by:
+            try:
+                re.compile(self.group_by)
+            except re.error as exc:
+                raise ConfigError(
+                    f"ingest.group_by: {self.group_by!r} is not a valid regular expression ({exc})"
+                ) from None
+        _check(0 < self.group_tolerance < 1, "ingest.group_tolerance", "must be in (0, 1)")
         _check(0 <= self.val_fraction < 1, "ingest.val_fraction", "must be in [0, 1)")
         _check(0 <= self.test_fraction < 1, "ingest.test_fraction", "must be in [0, 1)")
         _check(

@@ -2,8 +2,9 @@
 
 The stages, one module each: :mod:`~cls_ray.data.scan` lists the files, :mod:`~cls_ray.data.validate` decodes
 every file in worker processes under a time bound, :mod:`~cls_ray.data.split` drops duplicates and splits by
-class, :mod:`~cls_ray.data.parquet` writes the shards and :mod:`~cls_ray.data.manifest` writes the manifest,
-last. Nothing at DEST is touched until the input has been fully validated, so a bad input loses nothing.
+class (whole groups at a time with ``ingest.group_by``: :mod:`~cls_ray.data.groups`), :mod:`~cls_ray.data.parquet`
+writes the shards and :mod:`~cls_ray.data.manifest` writes the manifest, last. Nothing at DEST is touched until
+the input has been fully validated, so a bad input loses nothing.
 """
 
 from __future__ import annotations
@@ -93,10 +94,19 @@ def _existing_dataset(src: str, dest: str, cfg: IngestConfig) -> dict[str, Any] 
             missing[0],
         )
         return None
-    wanted = {"source": src, "seed": cfg.seed, "max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality}
+    wanted = {
+        "source": src,
+        "seed": cfg.seed,
+        "max_side": cfg.max_side,
+        "jpeg_quality": cfg.jpeg_quality,
+        "group_by": cfg.group_by,
+        "group_file": cfg.group_file,
+    }
     found = {
         "source": manifest.get("source"),
         "seed": manifest.get("split", {}).get("seed"),
+        "group_by": manifest.get("split", {}).get("groups", {}).get("group_by"),
+        "group_file": manifest.get("split", {}).get("groups", {}).get("group_file"),
         "max_side": manifest.get("encoding", {}).get("max_side"),
         "jpeg_quality": manifest.get("encoding", {}).get("jpeg_quality"),
     }
@@ -222,13 +232,24 @@ def _warn_missing(splits: dict[str, list[Item]], classes: list[str]) -> None:
 
 
 def _write_shards(
-    dest: str, splits: dict[str, list[Item]], facts: dict[str, dict], spool: _Spool, num_classes: int, cfg: IngestConfig
+    dest: str,
+    splits: dict[str, list[Item]],
+    facts: dict[str, dict],
+    spool: _Spool,
+    num_classes: int,
+    cfg: IngestConfig,
+    groups: dict[str, str] | None,
 ) -> dict[str, dict]:
     out = {}
     for split in SPLIT_DIRS:
         rows = (
             Row(
-                spool.get(facts[it.path]["where"]), it.label, it.path, facts[it.path]["width"], facts[it.path]["height"]
+                spool.get(facts[it.path]["where"]),
+                it.label,
+                it.path,
+                facts[it.path]["width"],
+                facts[it.path]["height"],
+                groups.get(it.path) if groups else None,
             )
             for it in shard_order(splits[split], cfg.seed, split)
         )
@@ -262,6 +283,63 @@ def _write_betons(
         "smart_threshold": cfg.ffcv_smart_threshold if cfg.ffcv_write_mode == "smart" else None,
         "splits": out,
     }
+
+
+def _groups(scan: ScanResult, items: list[Item], skipped: list[dict], cfg: IngestConfig) -> dict[str, str] | None:
+    """Every valid file's group (``ingest.group_by`` / ``group_file``), or None without grouping."""
+    from cls_ray.data.groups import groups_from_file, groups_from_regex
+
+    paths = [it.path for it in items]
+    if cfg.group_by:
+        return groups_from_regex(paths, cfg.group_by)
+    if cfg.group_file:
+        every = [f.path for f in scan.files] + [s["path"] for s in skipped]
+        return groups_from_file(paths, every, cfg.group_file)
+    return None
+
+
+def _group_info(
+    splits: dict[str, list[Item]],
+    groups: dict[str, str] | None,
+    fractions: dict[str, float],
+    carved: list[str],
+    scan: ScanResult,
+    cfg: IngestConfig,
+) -> dict[str, Any] | None:
+    """The manifest's ``split.groups`` (see :func:`cls_ray.data.groups.group_summary`); warns when the split
+    misses its fractions by more than ``ingest.group_tolerance`` or a pre-split tree's group spans given splits."""
+    from cls_ray.data.groups import group_summary
+
+    if groups is None:
+        return None
+    if scan.presplit:
+        targets = {s: fractions[s] for s in carved}
+        targets["train"] = round(1 - sum(targets.values()), 6)
+    else:
+        targets = dict(fractions)
+    by = {"group_by": cfg.group_by} if cfg.group_by else {"group_file": cfg.group_file}
+    info = group_summary(splits, groups, targets, by, cfg.group_tolerance, len(scan.classes))
+    if not info["within_tolerance"]:
+        gaps = ", ".join(
+            f"{s} {info['per_split'][s]['images']} images ({g:+.3f})" for s, g in info["share_gap"].items()
+        )
+        logger.warning(
+            "the group split misses its fractions by up to %.3f (ingest.group_tolerance=%g): %s; %d groups are too "
+            "few or too unequal to cut finer",
+            info["max_share_gap"],
+            cfg.group_tolerance,
+            gaps,
+            info["num_groups"],
+        )
+    spanning = info["spanning_splits"]
+    if spanning["count"]:
+        logger.warning(
+            "%d group(s) appear in more than one of the given splits of SRC (e.g. %s): the tree's own split leaks "
+            "them; ingest keeps given splits as they are",
+            spanning["count"],
+            ", ".join(spanning["examples"][:3]),
+        )
+    return info
 
 
 def _encoding_summary(kept: list[Item], facts: dict[str, dict], cfg: IngestConfig) -> dict[str, Any]:
@@ -316,10 +394,12 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
             "val": cfg.val_fraction,
             "test": cfg.test_fraction,
         }
-        splits, carved = assign_splits(kept, len(scan.classes), fractions, cfg.seed, scan.presplit)
+        groups = _groups(scan, items, skipped, cfg)
+        splits, carved = assign_splits(kept, len(scan.classes), fractions, cfg.seed, scan.presplit, groups)
+        group_info = _group_info(splits, groups, fractions, carved, scan, cfg)
         _warn_missing(splits, scan.classes)
         _clear_dest(dest)
-        split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg)
+        split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg, groups)
         betons = _write_betons(dest, splits, facts, spool, cfg) if cfg.ffcv else None
     finally:
         spool.close()
@@ -333,6 +413,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
             "presplit": scan.presplit,
             "presplit_given": scan.splits_present,
             "carved": carved,
+            **({"groups": group_info} if group_info is not None else {}),
         },
         "encoding": _encoding_summary(kept, facts, cfg),
         "skipped": skipped,

@@ -1,8 +1,9 @@
 """Writing dataset shards: Parquet files of encoded images, written through pyarrow filesystems (local or S3).
 
 Schema (the dataset contract in docs/design.md): ``image`` binary, ``label`` int64, ``path`` string, ``width``
-int32, ``height`` int32. Image bytes are already compressed, so that column is stored uncompressed and without
-statistics or dictionary; a shard holds row groups of at most ``ROW_GROUP_ROWS`` rows so readers can stream it.
+int32, ``height`` int32, ``group`` string (null unless ``ingest.group_by`` or ``group_file`` gave groups). Image
+bytes are already compressed, so that column is stored uncompressed and without statistics or dictionary; a shard
+holds row groups of at most ``ROW_GROUP_ROWS`` rows so readers can stream it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SCHEMA = pa.schema(
         pa.field("path", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("group", pa.string()),
     ]
 )
 ROW_GROUP_ROWS = 1024
@@ -37,6 +39,7 @@ class Row:
     path: str
     width: int
     height: int
+    group: str | None = None
 
 
 @dataclass
@@ -51,6 +54,7 @@ class _Batch:
             [r.path for r in self.rows],
             [r.width for r in self.rows],
             [r.height for r in self.rows],
+            [r.group for r in self.rows],
         )
         return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA)
 
@@ -86,7 +90,14 @@ class ShardWriter:
             path,
             SCHEMA,
             filesystem=fs,
-            compression={"image": "NONE", "label": "ZSTD", "path": "ZSTD", "width": "ZSTD", "height": "ZSTD"},
+            compression={
+                "image": "NONE",
+                "label": "ZSTD",
+                "path": "ZSTD",
+                "width": "ZSTD",
+                "height": "ZSTD",
+                "group": "ZSTD",
+            },
             use_dictionary=["label"],
             write_statistics=["label", "width", "height"],
         )

@@ -93,13 +93,19 @@ def split_class(paths: list[str], label: int, fractions: dict[str, float], seed:
 
 
 def assign_splits(
-    items: list[Item], num_classes: int, fractions: dict[str, float], seed: int, presplit: bool
+    items: list[Item],
+    num_classes: int,
+    fractions: dict[str, float],
+    seed: int,
+    presplit: bool,
+    groups: dict[str, str] | None = None,
 ) -> tuple[dict[str, list[Item]], list[str]]:
     """Assign every item to a split; returns ``({split: items sorted by path}, carved)``.
 
     For a pre-split tree the given splits are kept; each split that the tree lacks (``val`` and/or ``test``) is
     carved off its ``train`` split, stratified, with that split's fraction of the train images. ``carved`` lists
-    the splits made that way.
+    the splits made that way. With ``groups`` (path -> group) whole groups are assigned instead of single images
+    (:func:`cls_ray.data.groups.split_by_groups`).
     """
     out: dict[str, list[Item]] = {s: [] for s in SPLITS}
     carved: list[str] = []
@@ -114,6 +120,12 @@ def assign_splits(
     else:
         pool = list(items)
         carve_fractions = {s: fractions[s] for s in ("val", "test")}
+    if groups is not None:
+        from cls_ray.data.groups import split_by_groups
+
+        for split, chosen in split_by_groups(pool, groups, num_classes, carve_fractions, seed).items():
+            out[split].extend(chosen)
+        return {s: sorted(v, key=lambda it: it.path) for s, v in out.items()}, carved
     by_path = {it.path: it for it in pool}
     per_class: dict[int, list[str]] = defaultdict(list)
     for it in pool:
