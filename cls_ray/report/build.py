@@ -73,16 +73,26 @@ def _robustness_sample(paths: list[str], labels: dict[str, int], limit: int | No
     return set(chosen)
 
 
-def _split_paths_and_labels(data_uri: str, manifest: dict[str, Any], split: str) -> dict[str, int]:
+def _split_paths_and_labels(
+    data_uri: str, manifest: dict[str, Any], split: str
+) -> tuple[dict[str, int], dict[str, str] | None]:
+    """``({path: label}, {path: group} or None)`` of a split; groups from the shards' ``group`` column, None when
+    the dataset was ingested without groups (or before the column existed)."""
     import pyarrow.parquet as pq
 
-    out: dict[str, int] = {}
+    labels: dict[str, int] = {}
+    groups: dict[str, str] = {}
     for uri in manifest_lib.split_shard_uris(data_uri, manifest, split):
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["path", "label"])
-        out.update(zip(table["path"].to_pylist(), table["label"].to_pylist(), strict=True))
-    return out
+            pf = pq.ParquetFile(f)
+            columns = ["path", "label"] + (["group"] if "group" in pf.schema_arrow.names else [])
+            table = pf.read(columns=columns)
+        paths = table["path"].to_pylist()
+        labels.update(zip(paths, table["label"].to_pylist(), strict=True))
+        if "group" in columns:
+            groups.update((p, g) for p, g in zip(paths, table["group"].to_pylist(), strict=True) if g is not None)
+    return labels, groups or None
 
 
 def _read_images(data_uri: str, manifest: dict[str, Any], split: str, paths: set[str]) -> dict[str, bytes]:
@@ -206,6 +216,7 @@ def _robustness_png(rows: list[dict[str, Any]], clean: float) -> str | None:
     axes[1].set_title("relative drop (%)")
     for ax in axes:
         ax.set_xlabel("severity")
+        ax.set_xticks(range(0, max(r["severity"] for r in rows) + 1))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     return _png(fig)
@@ -409,7 +420,7 @@ def build_report(
     output_dir = output_dir or storage.join(model_uri, f"report-{split}")
     meta, manifest = _check_inputs(model_uri, data_uri, split)
     classes = list(meta["classes"])
-    labels_by_path = _split_paths_and_labels(data_uri, manifest, split)
+    labels_by_path, groups = _split_paths_and_labels(data_uri, manifest, split)
     sample = _robustness_sample(list(labels_by_path), labels_by_path, cfg.robustness_max_images, cfg.seed)
     ensure_ray()
     common = {"batch_size": cfg.batch_size, "use_gpu": cfg.use_gpu, "max_replicas": cfg.max_replicas}
@@ -532,7 +543,7 @@ def build_report(
         "gradcam": {**gradcam, "overlays": [item(i) for i in cam_rows if i in cams]},
         "robustness": robustness,
         "calibration": calibration,
-        "slices": _slices(results, preds, None, cfg, scalars["top1"]),
+        "slices": _slices(results, preds, groups, cfg, scalars["top1"]),
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "seconds": None,
     }

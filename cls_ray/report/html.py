@@ -177,19 +177,32 @@ def _calibration(r: dict[str, Any], plot: str) -> str:
     )
 
 
+SLICE_ROWS = 100
+
+
 def _slices(r: dict[str, Any]) -> str:
     s = r["slices"]
     if not s["groups"]:
         return f"<p class='note'>{_e(s['note'])}</p>"
+    # Many small groups (one per patient, say) would flood the page: the weakest SLICE_ROWS groups of a useful
+    # size are shown, small ones after them; report.json has every group.
+    big = [g for g in s["groups"] if g["images"] >= r["config"]["slice_min_images"]]
+    small = [g for g in s["groups"] if g["images"] < r["config"]["slice_min_images"]]
+    shown = (big + small)[:SLICE_ROWS]
     rows = "".join(
         f"<tr class='{'flag' if g['flagged'] else ''}'><td class='l'>{_e(g['group'])}</td><td>{g['images']}</td>"
         f"<td>{g['top1']:.4f}</td><td>{'below the split by more than the threshold' if g['flagged'] else ''}</td></tr>"
-        for g in s["groups"]
+        for g in shown
+    )
+    more = (
+        f"<p class='note'>{len(s['groups']) - len(shown)} more groups in report.json.</p>"
+        if len(shown) < len(s["groups"])
+        else ""
     )
     return (
         f"<p>Groups from the {_e(s['source'])}; flagged rows are far below the overall top-1 "
         f"({r['metrics']['top1']:.4f}).</p><table class='sortable'><thead><tr><th class='l'>group</th>"
-        f"<th>images</th><th>top-1</th><th class='l'>flag</th></tr></thead><tbody>{rows}</tbody></table>"
+        f"<th>images</th><th>top-1</th><th class='l'>flag</th></tr></thead><tbody>{rows}</tbody></table>{more}"
     )
 
 
