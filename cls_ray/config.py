@@ -111,6 +111,14 @@ class IngestConfig:
     group_file: str | None = None
     """Instead of ``group_by``: a CSV (header ``path,group``) or JSON (``{"path": "group"}``) file, local or
     s3://, giving every file's group by its path relative to SRC."""
+    near_duplicates: Literal["off", "report", "group", "drop"] = "group"
+    """Near-identical images (resized, re-encoded, colour-shifted copies; a perceptual hash taken during
+    validation): ``report`` lists clusters that span splits or classes in the manifest; ``group`` (default) also
+    keeps each cluster inside one split, so copies cannot leak from train to test; ``drop`` keeps one image per
+    cluster and class. Clusters that a pre-split tree puts in two given splits are reported, not moved."""
+    near_duplicate_threshold: int = 20
+    """Largest Hamming distance, of the 256-bit hash, between two near-duplicates (precision and recall per
+    threshold in docs/design.md, "Near-duplicates")."""
     group_tolerance: float = 0.05
     """Under a group split, the largest acceptable gap between a split's share of the images and its fraction; a
     larger one is reported (log and manifest ``split.groups``), since a few large groups cannot be cut finely."""
@@ -129,6 +137,11 @@ class IngestConfig:
                     f"ingest.group_by: {self.group_by!r} is not a valid regular expression ({exc})"
                 ) from None
         _check(0 < self.group_tolerance < 1, "ingest.group_tolerance", "must be in (0, 1)")
+        _check(
+            0 <= self.near_duplicate_threshold <= 64,
+            "ingest.near_duplicate_threshold",
+            "must be in [0, 64] bits (of 256; above ~32 distinct images start to merge)",
+        )
         _check(0 <= self.val_fraction < 1, "ingest.val_fraction", "must be in [0, 1)")
         _check(0 <= self.test_fraction < 1, "ingest.test_fraction", "must be in [0, 1)")
         _check(

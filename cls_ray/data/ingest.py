@@ -14,8 +14,11 @@ import os
 import tempfile
 from typing import Any
 
+import numpy as np
+
 from cls_ray import storage
 from cls_ray.config import IngestConfig
+from cls_ray.data import near_duplicates
 from cls_ray.data.manifest import (
     MANIFEST_FORMAT_VERSION,
     MANIFEST_NAME,
@@ -26,7 +29,7 @@ from cls_ray.data.manifest import (
 )
 from cls_ray.data.parquet import Row, write_split
 from cls_ray.data.scan import SPLIT_DIRS, IngestError, ScanResult, scan_source
-from cls_ray.data.split import Item, assign_splits, resolve_duplicates, shard_order
+from cls_ray.data.split import SPLITS, Item, assign_splits, resolve_duplicates, shard_order
 from cls_ray.data.validate import EncodeOptions, validate_files
 
 logger = logging.getLogger(__name__)
@@ -101,12 +104,16 @@ def _existing_dataset(src: str, dest: str, cfg: IngestConfig) -> dict[str, Any] 
         "jpeg_quality": cfg.jpeg_quality,
         "group_by": cfg.group_by,
         "group_file": cfg.group_file,
+        "near_duplicates": None if cfg.near_duplicates == "off" else cfg.near_duplicates,
+        "near_duplicate_threshold": None if cfg.near_duplicates == "off" else cfg.near_duplicate_threshold,
     }
     found = {
         "source": manifest.get("source"),
         "seed": manifest.get("split", {}).get("seed"),
         "group_by": manifest.get("split", {}).get("groups", {}).get("group_by"),
         "group_file": manifest.get("split", {}).get("groups", {}).get("group_file"),
+        "near_duplicates": manifest.get("near_duplicates", {}).get("mode"),
+        "near_duplicate_threshold": manifest.get("near_duplicates", {}).get("threshold"),
         "max_side": manifest.get("encoding", {}).get("max_side"),
         "jpeg_quality": manifest.get("encoding", {}).get("jpeg_quality"),
     }
@@ -173,7 +180,7 @@ def _clear_dest(dest: str) -> None:
 def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[Item], dict[str, dict], list[dict]]:
     from tqdm import tqdm
 
-    opts = EncodeOptions(cfg.max_pixels, cfg.max_side, cfg.jpeg_quality)
+    opts = EncodeOptions(cfg.max_pixels, cfg.max_side, cfg.jpeg_quality, phash=cfg.near_duplicates != "off")
     workers = cfg.num_workers or os.cpu_count() or 1
     labels = {name: i for i, name in enumerate(scan.classes)}
     items: list[Item] = []
@@ -285,6 +292,96 @@ def _write_betons(
     }
 
 
+def _drop_near_duplicates(kept: list[Item], found: list[list[str]]) -> tuple[list[Item], list[list[str]], list[str]]:
+    """``ingest.near_duplicates=drop``: keep the first path (sorted) of each cluster per class; returns the kept
+    items, the clusters of what is left (survivors of a cluster spanning classes stay a cluster, so they are kept
+    together), and the dropped paths, sorted. In a pre-split tree ``test/...`` sorts before ``train/...``: a train
+    copy of a test image is the one dropped, as for exact duplicates."""
+    label = {it.path: it.label for it in kept}
+    dropped: set[str] = set()
+    left: list[list[str]] = []
+    for cluster in found:
+        seen: set[int] = set()
+        survivors = []
+        for path in cluster:
+            if label[path] in seen:
+                dropped.add(path)
+            else:
+                seen.add(label[path])
+                survivors.append(path)
+        if len(survivors) > 1:
+            left.append(survivors)
+    return [it for it in kept if it.path not in dropped], left, sorted(dropped)
+
+
+def _merge_clusters(groups: dict[str, str], found: list[list[str]]) -> dict[str, str]:
+    """User groups joined through near-duplicate clusters: two groups sharing a cluster become one (named after
+    the first of them in sorted order), so neither copies nor groups straddle splits."""
+    from cls_ray.data.near_duplicates import cluster_labels
+
+    names = sorted(set(groups.values()))
+    index = {g: k for k, g in enumerate(names)}
+    i, j = [], []
+    for cluster in found:
+        first = index[groups[cluster[0]]]
+        for path in cluster[1:]:
+            i.append(first)
+            j.append(index[groups[path]])
+    labels = cluster_labels(len(names), np.asarray(i, np.int64), np.asarray(j, np.int64))
+    root: dict[int, str] = {}
+    for name, label in zip(names, labels, strict=True):
+        root.setdefault(int(label), name)
+    return {path: root[int(labels[index[g]])] for path, g in groups.items()}
+
+
+def _keep_clusters_together(
+    splits: dict[str, list[Item]], found: list[list[str]], presplit: bool, carved: list[str]
+) -> dict[str, list[Item]]:
+    """``ingest.near_duplicates=group`` without user groups: after the per-class split, the members of each cluster
+    that ingest placed move to the split holding most of them (ties: train, val, test), so images outside clusters
+    keep exactly the split they would have without near-duplicate detection. Members in a given split of a
+    pre-split tree stay where the tree put them."""
+    movable = set(SPLITS if not presplit else ["train", *carved])
+    where = {it.path: (split, it) for split, members in splits.items() for it in members}
+    moves: dict[str, str] = {}
+    for cluster in found:
+        placed = [p for p in cluster if where[p][0] in movable]
+        if len(placed) < 2:
+            continue
+        votes = {s: sum(1 for p in placed if where[p][0] == s) for s in SPLITS if s in movable}
+        target = max(votes, key=lambda s: (votes[s], -SPLITS.index(s)))
+        moves.update({p: target for p in placed if where[p][0] != target})
+    if not moves:
+        return splits
+    out: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    for split, members in splits.items():
+        for it in members:
+            out[moves.get(it.path, split)].append(it)
+    return {s: sorted(v, key=lambda it: it.path) for s, v in out.items()}
+
+
+def _warn_near_duplicates(info: dict[str, Any]) -> None:
+    if info["clusters"]:
+        logger.info(
+            "near-duplicates (%s within %d bits): %d clusters of %d images; %d span classes, %d span splits%s",
+            info["hash"],
+            info["threshold"],
+            info["clusters"],
+            info["images"],
+            info["spanning_classes"],
+            info["spanning_splits"],
+            f"; {len(info['dropped'])} dropped" if info["dropped"] else "",
+        )
+    if info["spanning_splits"]:
+        logger.warning(
+            "%d near-duplicate cluster(s) span splits (manifest.json near_duplicates.notable): %s",
+            info["spanning_splits"],
+            "only the given splits of a pre-split tree can do that under ingest.near_duplicates=group or drop"
+            if info["mode"] != "report"
+            else "ingest.near_duplicates=report leaves them; group keeps each cluster in one split",
+        )
+
+
 def _groups(scan: ScanResult, items: list[Item], skipped: list[dict], cfg: IngestConfig) -> dict[str, str] | None:
     """Every valid file's group (``ingest.group_by`` / ``group_file``), or None without grouping."""
     from cls_ray.data.groups import groups_from_file, groups_from_regex
@@ -394,9 +491,34 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
             "val": cfg.val_fraction,
             "test": cfg.test_fraction,
         }
+        found, pairs, near_dropped = [], 0, []
+        if cfg.near_duplicates != "off":
+            found, pairs = near_duplicates.clusters(
+                [it.path for it in kept], [facts[it.path]["phash"] for it in kept], cfg.near_duplicate_threshold
+            )
+            if cfg.near_duplicates == "drop":
+                kept, found, near_dropped = _drop_near_duplicates(kept, found)
+                _check_classes(kept, scan.classes, cfg, src)
         groups = _groups(scan, items, skipped, cfg)
-        splits, carved = assign_splits(kept, len(scan.classes), fractions, cfg.seed, scan.presplit, groups)
-        group_info = _group_info(splits, groups, fractions, carved, scan, cfg)
+        split_keys = groups
+        if groups is not None and found and cfg.near_duplicates in ("group", "drop"):
+            split_keys = _merge_clusters(groups, found)
+        splits, carved = assign_splits(kept, len(scan.classes), fractions, cfg.seed, scan.presplit, split_keys)
+        if groups is None and found and cfg.near_duplicates in ("group", "drop"):
+            splits = _keep_clusters_together(splits, found, scan.presplit, carved)
+        group_info = _group_info(splits, split_keys, fractions, carved, scan, cfg)
+        near_info = None
+        if cfg.near_duplicates != "off":
+            near_info = near_duplicates.describe(
+                found,
+                pairs,
+                cfg.near_duplicates,
+                cfg.near_duplicate_threshold,
+                {it.path: scan.classes[it.label] for it in kept},
+                {it.path: split for split, members in splits.items() for it in members},
+                near_dropped,
+            )
+            _warn_near_duplicates(near_info)
         _warn_missing(splits, scan.classes)
         _clear_dest(dest)
         split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg, groups)
@@ -430,6 +552,10 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
     }
     if betons is not None:
         manifest["ffcv"] = betons
+    if near_info is not None:
+        manifest["near_duplicates"] = near_info
+        manifest["counts"]["near_duplicates_dropped"] = len(near_dropped)
+        manifest["counts"]["kept"] = len(kept)
     write_manifest(dest, manifest)
     logger.info("dataset complete: %s", manifest_uri(dest))
     if summary:

@@ -76,6 +76,25 @@ def print_summary(manifest: dict[str, Any], console: Console | None = None) -> N
     if refusals is not None:
         console.print(refusals)
     console.print(_duplicates_line(manifest))
+    near = manifest.get("near_duplicates")
+    if near:
+        action = {
+            "report": "left where the split put them",
+            "group": "each kept in one split",
+            "drop": f"one kept per class, {len(near['dropped'])} dropped",
+        }[near["mode"]]
+        console.print(
+            f"near-duplicates (within {near['threshold']} of 256 bits): {near['clusters']} clusters of "
+            f"{near['images']} images, {action}; {near['spanning_classes']} span classes (possible label errors), "
+            f"{near['spanning_splits']} span splits (listed in manifest.json 'near_duplicates')"
+        )
+    groups = manifest.get("split", {}).get("groups")
+    if groups:
+        per = ", ".join(f"{s} {groups['per_split'][s]['groups']}" for s in SPLITS)
+        console.print(
+            f"groups: {groups['num_groups']} ({per}); largest gap to the split fractions "
+            f"{groups['max_share_gap']:.3f} (tolerance {groups['tolerance']})"
+        )
     ffcv = manifest.get("ffcv")
     if ffcv:
         files = ", ".join(

@@ -45,6 +45,8 @@ class EncodeOptions:
     max_pixels: int
     max_side: int
     jpeg_quality: int
+    phash: bool = False
+    """Also take the image's perceptual hash (``ingest.near_duplicates``), from the image just decoded."""
 
 
 class _TooLarge(Exception):
@@ -93,7 +95,7 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
 
     Returns:
         ``{"sha256", "width", "height", "format", "encoding": "original"|"jpeg"|"png", "resized", "image"}``
-        for a valid image, or ``{"reason", "detail"}`` for a refused one.
+        (and ``"phash"`` with ``opts.phash``) for a valid image, or ``{"reason", "detail"}`` for a refused one.
     """
     # Pillow's own bomb guard must not refuse what ingest.max_pixels allows; it is only ever raised, never lowered
     # (this also runs in the caller's process, where other code relies on Pillow's default).
@@ -130,7 +132,13 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         except (OSError, ValueError) as exc:
             return {"reason": "encode_error", "detail": f"re-encoding failed: {exc}"[:300], "sha256": digest}
     width, height = Image.open(io.BytesIO(image)).size if resized else decoded.image.size
+    extra = {}
+    if opts.phash:
+        from cls_ray.data.near_duplicates import perceptual_hash
+
+        extra["phash"] = perceptual_hash(decoded.image)
     return {
+        **extra,
         "sha256": digest,
         "width": width,
         "height": height,
@@ -190,7 +198,7 @@ def validate_files(
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
     context = multiprocessing.get_context("forkserver")
     # Imported once in the fork server (when this process starts it), not again in every worker.
-    context.set_forkserver_preload(["cls_ray.data.validate"])
+    context.set_forkserver_preload(["cls_ray.data.validate", "cls_ray.data.near_duplicates"])
     window = max(64, num_workers * 16)  # bounded in-flight work: results hold image bytes
     finished: queue.SimpleQueue = queue.SimpleQueue()  # futures arrive here as they finish, O(1) per file
     with ProcessPool(max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env, quiet)) as pool:

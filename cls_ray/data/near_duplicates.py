@@ -1,0 +1,158 @@
+"""Near-duplicate images: perceptual hashes taken during validation, matched without comparing every pair.
+
+**Hash.** A 256-bit pHash: the image in grayscale, box-filtered to 64x64, the 16x16 low-frequency block of its 2-D
+DCT-II, each coefficient compared with the block's median. That is imagehash's ``phash(hash_size=16)`` bit for bit
+on the same 64x64 image (tested), computed here with two small matrix products instead of imagehash's Lanczos
+resize and two full scipy DCTs: 0.1 ms instead of 0.8 ms per 224 px image, against a 0.35 ms decode, which is what
+keeps near-duplicate detection within the ingest budget (docs/benchmarks.md, "Ingest"). It runs in the validation
+worker on the image it has just decoded, so there is no second decode. 256 bits rather than imagehash's default 64
+because on Fashion-MNIST the 64-bit hash puts 18% of images within 6 bits of a *different* image, inside the range
+where re-encoded copies land, while at 256 bits resized, re-encoded and colour-shifted copies separate from
+distinct images (docs/design.md, "Near-duplicates", has the measured distances). Crops move the hash too far to be
+caught: a perceptual hash is not crop-invariant.
+
+**Matching.** Up to 100,000 hashes, faiss' SIMD brute force (``IndexBinaryFlat.range_search``); above, faiss'
+``IndexBinaryMultiHash`` (multi-index hashing): the 256 bits are cut into ``m`` disjoint chunks, each indexed in a
+hash table, and a query probes every key within ``nflip`` bits of its own chunk. With ``m = threshold // 2 + 1``
+chunks (4 to 16) and ``nflip = threshold // m``, any pair within ``threshold`` bits has some chunk within ``nflip``
+bits (pigeonhole), so the search is exact, not approximate; the candidates are verified on the full hash. Pairs
+become clusters through their connected components (scipy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+HASH_SIZE = 16
+HASH_BITS = HASH_SIZE * HASH_SIZE
+HASH_BYTES = HASH_BITS // 8
+DESCRIPTION = "pHash, 256 bits (imagehash.phash hash_size=16 on a 64x64 box-filtered grayscale image)"
+
+
+SIDE = 64
+# Rows k < HASH_SIZE of the unnormalised DCT-II matrix (scipy.fftpack.dct's convention): 2 cos(pi k (2n + 1) / 2N)
+_DCT = 2.0 * np.cos(np.pi * np.arange(HASH_SIZE)[:, None] * (2 * np.arange(SIDE)[None, :] + 1) / (2 * SIDE))
+
+
+def perceptual_hash(image: Image.Image) -> bytes:
+    """The 32-byte pHash of a decoded image (see the module docstring)."""
+    gray = image.convert("L")
+    factor = min(gray.size) // SIDE
+    if factor >= 2:
+        gray = gray.reduce(factor)  # integer box reduction first: the same filter, fewer pixels to resample
+    if gray.size != (SIDE, SIDE):
+        gray = gray.resize((SIDE, SIDE), Image.Resampling.BOX)
+    low = _DCT @ np.asarray(gray, dtype=np.float64) @ _DCT.T
+    return np.packbits(low > np.median(low)).tobytes()
+
+
+def _index_shape(threshold: int) -> tuple[int, int, int]:
+    """``(chunks, bits per chunk, nflip)`` of an exact multi-index hash search within ``threshold`` bits."""
+    chunks = min(16, max(4, threshold // 2 + 1))
+    return chunks, HASH_BITS // chunks, threshold // chunks
+
+
+BRUTE_FORCE_MAX = 100_000
+"""Up to this many hashes faiss' SIMD brute force is as fast as multi-index hashing or faster (docs/benchmarks.md,
+"Near-duplicate matching": 3.1 s against 3.8 s for 70,000 real hashes, 6.5 s against 3.6 s for 100,000 random
+ones); above it the brute force grows with the square of the count."""
+
+
+def find_pairs(
+    codes: np.ndarray, threshold: int, method: str = "auto", threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``(i, j)``, ``i < j``, of rows of ``codes`` (N x 32 uint8 hashes) within ``threshold`` bits.
+
+    ``method``: ``mih`` (multi-index hashing), ``flat`` (brute force), or ``auto`` (flat up to
+    :data:`BRUTE_FORCE_MAX` hashes). Both are exact. Returns two int64 arrays ``(i, j)``, sorted by ``(i, j)``.
+    """
+    import faiss
+
+    n = len(codes)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    if method == "auto":
+        method = "flat" if n <= BRUTE_FORCE_MAX else "mih"
+    if method == "flat":
+        index = faiss.IndexBinaryFlat(HASH_BITS)
+    elif method == "mih":
+        chunks, bits, nflip = _index_shape(threshold)
+        index = faiss.IndexBinaryMultiHash(HASH_BITS, chunks, bits)
+        index.nflip = nflip
+    else:
+        raise ValueError(f"find_pairs: unknown method {method!r} (auto, mih or flat)")
+    index.add(codes)
+    # faiss' binary range search returns distances strictly below the radius
+    lims, _, ids = index.range_search(codes, threshold + 1)
+    query = np.repeat(np.arange(n, dtype=np.int64), np.diff(lims).astype(np.int64))
+    ids = ids.astype(np.int64)
+    keep = query < ids
+    i, j = query[keep], ids[keep]
+    order = np.lexsort((j, i))
+    return i[order], j[order]
+
+
+def cluster_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected components of the pair graph over ``n`` items: a label per item (singletons included)."""
+    if len(i) == 0:  # no pair: every item alone (and no 0.3 s import of scipy's csgraph)
+        return np.arange(n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels
+
+
+def clusters(paths: list[str], hashes: list[bytes], threshold: int) -> tuple[list[list[str]], int]:
+    """Clusters (two or more paths, each sorted; clusters sorted by first path) of near-duplicate ``paths`` and the
+    number of pairs found."""
+    if not paths:
+        return [], 0
+    codes = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(paths), HASH_BYTES)
+    i, j = find_pairs(codes, threshold)
+    labels = cluster_labels(len(paths), i, j)
+    members: dict[int, list[str]] = {}
+    for path, label in zip(paths, labels, strict=True):
+        members.setdefault(int(label), []).append(path)
+    out = sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: m[0])
+    return out, len(i)
+
+
+def describe(
+    found: list[list[str]],
+    pairs: int,
+    mode: str,
+    threshold: int,
+    label_of: dict[str, str],
+    split_of: dict[str, str],
+    dropped: list[str],
+    limit: int = 200,
+) -> dict[str, Any]:
+    """The manifest's ``near_duplicates``: settings, counts, and the clusters that span classes or splits (the ones
+    that matter: a leak or a possible label error), at most ``limit`` of them listed."""
+    notable = []
+    for cluster in found:
+        classes = sorted({label_of[p] for p in cluster})
+        splits = sorted({split_of[p] for p in cluster if p in split_of})
+        if len(classes) > 1 or len(splits) > 1:
+            notable.append({"paths": cluster, "classes": classes, "splits": splits})
+    return {
+        "mode": mode,
+        "threshold": threshold,
+        "hash": DESCRIPTION,
+        "pairs": pairs,
+        "clusters": len(found),
+        "images": sum(len(c) for c in found),
+        "spanning_classes": sum(1 for c in notable if len(c["classes"]) > 1),
+        "spanning_splits": sum(1 for c in notable if len(c["splits"]) > 1),
+        "notable": notable[:limit],
+        "notable_listed": min(limit, len(notable)),
+        "dropped": dropped,
+    }
