@@ -7,7 +7,9 @@ is a JPEG that must be read, hashed and fully decoded). Measured, each on the sa
 - the validation stage alone, on the pebble process pool that ingest uses and on Ray Data (``map`` over the file
   list), to choose between them; "cold" includes starting the workers (the fork server, or ``ray.init``), "warm"
   and "job only" do not;
-- the whole ``ingest`` to local disk and to S3 (a moto server started here, in its own process).
+- the whole ``ingest`` to local disk, with near-duplicate detection (the default, ``near_duplicates=group``: a
+  perceptual hash in the validation pass, then matching) and without (``off``), alternated ``--repeats`` times, best
+  of each; and to S3 (a moto server started here, in its own process).
 
 Run: ``.venv/bin/python benchmarks/ingest.py [--images 3000] [--workers 2]``.
 """
@@ -123,6 +125,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated runs with and without near-duplicates")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cls-ray-bench-") as tmp:
         src = Path(tmp) / "src"
@@ -136,7 +140,14 @@ def main() -> None:
             with_init, job = ray_validation(files, w)
             rows.append((f"validation stage, Ray Data map ({w} CPUs), cold (ray.init)", with_init, w))
             rows.append((f"validation stage, Ray Data map ({w} CPUs), job only", job, w))
-        rows.append((f"ingest -> local disk ({w} procs)", timed_ingest(str(src), f"{tmp}/ds", cfg), w))
+        # near-duplicate detection (hash in the validation pass + matching) on and off, alternated, best of N
+        off = IngestConfig(num_workers=w, near_duplicates="off")
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        for r in range(args.repeats):
+            for name, c in (("off", off), ("on", cfg)):
+                times[name].append(timed_ingest(str(src), f"{tmp}/ds_{name}_{r}", c))
+        rows.append((f"ingest -> local disk ({w} procs), near_duplicates=off", min(times["off"]), w))
+        rows.append((f"ingest -> local disk ({w} procs), near_duplicates=group", min(times["on"]), w))
         small = IngestConfig(num_workers=w, max_side=112)
         rows.append(
             (
@@ -145,12 +156,13 @@ def main() -> None:
                 w,
             )
         )
-        proc, _ = start_moto()
-        try:
-            rows.append((f"ingest -> S3 (moto, {w} procs)", timed_ingest(str(src), "s3://bench/ds", cfg), w))
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        if not args.skip_s3:
+            proc, _ = start_moto()
+            try:
+                rows.append((f"ingest -> S3 (moto, {w} procs)", timed_ingest(str(src), "s3://bench/ds", cfg), w))
+            finally:
+                proc.terminate()
+                proc.wait(10)
     base = n / rows[0][1]
     print(f"\n{n} images (224x224 RGB JPEG, Fashion-MNIST), {os.cpu_count()} cores\n")
     print(f"| {'run':58s} | {'seconds':>7s} | {'img/s':>7s} | {'img/s/core':>10s} | {'vs baseline':>11s} |")
@@ -158,6 +170,10 @@ def main() -> None:
     for name, secs, cores in rows:
         rate = n / secs
         print(f"| {name:58s} | {secs:7.2f} | {rate:7.0f} | {rate / cores:10.0f} | {rate / base:10.2f}x |")
+    runs = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
+    ratio = min(times["on"]) / min(times["off"])
+    print(f"\nnear_duplicates=group / off, best of {args.repeats}: {ratio:.3f}x the time")
+    print(f"all runs: off {runs['off']} s; group {runs['on']} s")
 
 
 if __name__ == "__main__":
