@@ -75,6 +75,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cls_ray.audit import audit, print_audit
+
+    overrides = list(args.overrides) + ([f"audit.splits=[{args.splits}]"] if args.splits else [])
+    cfg = load_config(args.config, overrides)
+    print_audit(audit(args.model, args.data, output_dir=args.output, cfg=cfg.audit))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cls_ray.export import export_package, print_exports
 
@@ -178,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("audit", help="likely label errors (cleanlab) from the model's out-of-sample probabilities")
+    p.add_argument("model", help="model package (local dir or s3:// URI)")
+    p.add_argument("data", help="dataset written by cls-ray ingest (local dir or s3:// URI)")
+    p.add_argument("--splits", help="comma-separated splits to audit (default: val,test; audit.splits)")
+    p.add_argument("--output", help="output folder (default: MODEL/audit; local or s3://)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("predict", help="score every image below a folder or s3:// prefix (Ray Data) into Parquet/CSV")
     p.add_argument("model", help="model package URI")

@@ -685,6 +685,9 @@ class ReportConfig:
     """Images (a seeded sample, stratified by class) of the split the corrupted passes score; None scores all."""
     top_losses: int = 24
     """Misclassified images with the highest loss shown (and explained with Grad-CAM)."""
+    label_issues: int = 24
+    """Likely label errors (cleanlab's ``find_label_issues`` on the split's out-of-sample probabilities) shown as
+    thumbnails with the suggested class; 0 leaves the section out. ``cls-ray audit`` writes the full list."""
     gallery_per_class: int = 4
     """Correct and wrong examples shown per class (each)."""
     gradcam_per_class: int = 1
@@ -725,7 +728,14 @@ class ReportConfig:
             "report.robustness_max_images",
             "must be at least 1, or null for the whole split",
         )
-        for key in ("top_losses", "gallery_per_class", "gradcam_per_class", "gradcam_max_images", "slice_min_images"):
+        for key in (
+            "top_losses",
+            "label_issues",
+            "gallery_per_class",
+            "gradcam_per_class",
+            "gradcam_max_images",
+            "slice_min_images",
+        ):
             _check(getattr(self, key) >= 0, f"report.{key}", "must not be negative")
         _check(self.bootstrap_resamples >= 10, "report.bootstrap_resamples", "must be at least 10")
         _check(self.calibration_bins >= 2, "report.calibration_bins", "must be at least 2")
@@ -733,6 +743,30 @@ class ReportConfig:
         _check(self.batch_size >= 1, "report.batch_size", "must be at least 1")
         _check(self.max_replicas is None or self.max_replicas >= 1, "report.max_replicas", "must be >= 1 or null")
         _check(16 <= self.thumbnail_size <= 512, "report.thumbnail_size", "must be in [16, 512]")
+
+
+@dataclass
+class AuditConfig:
+    """``cls-ray audit``: likely label errors from the model's out-of-sample probabilities (cleanlab)."""
+
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    """Splits to audit: ones the model did not train on (its confidence on its own training images says nothing
+    about their labels)."""
+    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = (
+        "prune_by_noise_rate"
+    )
+    """cleanlab's ``find_label_issues`` method."""
+    batch_size: int = 128
+    use_gpu: bool = False
+    max_replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.splits), "audit.splits", "name at least one split")
+        for split in self.splits:
+            _check(split in ("train", "val", "test"), "audit.splits", f"unknown split {split!r} (train, val, test)")
+        _check(len(set(self.splits)) == len(self.splits), "audit.splits", "names a split twice")
+        _check(self.batch_size >= 1, "audit.batch_size", "must be at least 1")
+        _check(self.max_replicas is None or self.max_replicas >= 1, "audit.max_replicas", "must be >= 1 or null")
 
 
 PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "report", "export", "predict", "serve")
@@ -783,6 +817,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     source: str | None = None
     """Pipeline input: class folders (local or s3://)."""

@@ -384,6 +384,26 @@ def _robustness(results: SplitResults, preds: np.ndarray, cfg: ReportConfig, cla
     }
 
 
+def _label_issues(results: SplitResults, meta: dict[str, Any], cfg: ReportConfig, num_classes: int) -> dict[str, Any]:
+    """The likely label errors of the split (cleanlab, as ``cls-ray audit``): their count, and the rows of the
+    ``cfg.label_issues`` most likely with their label quality scores; a note instead when it cannot run."""
+    out: dict[str, Any] = {"count": None, "note": None, "rows": [], "quality": []}
+    if not cfg.label_issues:
+        out["note"] = "report.label_issues is 0"
+        return out
+    if len(np.unique(results.labels)) < num_classes:
+        out["note"] = "this split lacks some classes; confident learning needs every class present"
+        return out
+    from cls_ray.audit import label_issues
+
+    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+    ranked, scores = label_issues(results.labels, stats.softmax(results.logits, temperature))
+    out["count"] = len(ranked)
+    out["rows"] = [int(i) for i in ranked[: cfg.label_issues]]
+    out["quality"] = [float(scores[i]) for i in out["rows"]]
+    return out
+
+
 def _gradcam_task(model_uri: str, images: np.ndarray, targets: list[int], use_gpu: bool) -> dict[str, Any]:
     from cls_ray.package import load_model_package
     from cls_ray.report.gradcam import GradCamUnsupported, grad_cam
@@ -474,8 +494,12 @@ def build_report(
         }
         cam_rows += list(ok[: cfg.gradcam_per_class])
     cam_rows = list(dict.fromkeys(int(i) for i in cam_rows))[: cfg.gradcam_max_images]
+    issues = _label_issues(results, meta, cfg, len(classes))
     shown = sorted(
-        {int(i) for i in top} | {int(i) for g in gallery.values() for v in g.values() for i in v} | set(cam_rows)
+        {int(i) for i in top}
+        | {int(i) for g in gallery.values() for v in g.values() for i in v}
+        | set(cam_rows)
+        | set(issues["rows"])
     )
     raw = _read_images(data_uri, manifest, split, {results.paths[i] for i in shown})
     from cls_ray.report.passes import CorruptAndPreprocess
@@ -542,6 +566,10 @@ def build_report(
         "gallery": {c: {k: [item(i) for i in v] for k, v in g.items()} for c, g in gallery.items()},
         "gradcam": {**gradcam, "overlays": [item(i) for i in cam_rows if i in cams]},
         "robustness": robustness,
+        "label_issues": {
+            **{k: v for k, v in issues.items() if k != "rows"},
+            "items": [{**item(i), "label_quality": q} for i, q in zip(issues["rows"], issues["quality"], strict=True)],
+        },
         "calibration": calibration,
         "slices": _slices(results, preds, groups, cfg, scalars["top1"]),
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},

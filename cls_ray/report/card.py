@@ -67,6 +67,15 @@ def model_card(r: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "## Known failure classes",
         "Lowest F1: " + ", ".join(f"{c['class']} ({c['f1']:.3f})" for c in weak),
+        *(
+            [
+                f"Likely label errors in the {r['split']} split (cleanlab): "
+                f"{r['label_issues']['count']} of {int(r['metrics']['num_samples'])} images "
+                "(`cls-ray audit` lists them)."
+            ]
+            if (r.get("label_issues") or {}).get("count") is not None
+            else []
+        ),
         "",
         "## How to use",
         "```bash",

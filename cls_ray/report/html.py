@@ -59,6 +59,12 @@ SECTIONS = [
         "temperature corrects over- or under-confidence.",
     ),
     ("slices", "Slices", "Accuracy per group of images (source, device...), to find groups the model fails."),
+    (
+        "label-issues",
+        "Label issues",
+        "Images whose given label is probably wrong (cleanlab's confident learning on this split's predictions): "
+        "check these labels before trusting the metrics above.",
+    ),
 ]
 
 
@@ -180,6 +186,24 @@ def _calibration(r: dict[str, Any], plot: str) -> str:
 SLICE_ROWS = 100
 
 
+def _label_issues(r: dict[str, Any]) -> str:
+    li = r.get("label_issues") or {}
+    if li.get("count") is None:
+        return f"<p class='note'>Not computed: {_e(li.get('note') or 'no result')}.</p>"
+    if not li["count"]:
+        return "<p>cleanlab flags no image of this split.</p>"
+    figures = "".join(
+        f'<figure><div class="pics">{_img(i.get("thumbnail"), i["path"])}</div><figcaption>{_e(i["path"])}<br>'
+        f"given <b>{_e(i['true'])}</b>, probably <b>{_e(i['predicted'])}</b> ({i['probability']:.2f}); "
+        f"label quality {i['label_quality']:.3f}</figcaption></figure>"
+        for i in li["items"]
+    )
+    return (
+        f"<p>{li['count']} of {int(r['metrics']['num_samples'])} images flagged; the {len(li['items'])} most likely "
+        f"first (<code>cls-ray audit</code> writes the full list as CSV and JSON).</p><div class='grid'>{figures}</div>"
+    )
+
+
 def _slices(r: dict[str, Any]) -> str:
     s = r["slices"]
     if not s["groups"]:
@@ -252,6 +276,7 @@ def render(r: dict[str, Any], plots: dict[str, Any]) -> str:
             _section("robustness", _robustness(r, plots.get("robustness"))),
             _section("calibration", _calibration(r, plots["reliability"])),
             _section("slices", _slices(r)),
+            _section("label-issues", _label_issues(r)),
         ]
     )
     data = json.dumps({"format_version": r["format_version"], "model": s["name"], "version": s["version"]})
