@@ -5,7 +5,8 @@ capture group, or the whole match without one) or ``ingest.group_file`` (a CSV w
 JSON object ``{path: group}``, local or s3://). Either way every valid file must get a group, and a mapping that
 names files SRC does not have is an error: a silent fallback would hide exactly the leak this guards against.
 
-The split is the StratifiedGroupKFold idea with the split's own fractions rather than equal folds (scikit-learn's
+The split (:func:`cls_ray.data.split.split_by_groups`, beside the per-class split it replaces) is the
+StratifiedGroupKFold idea with the split's own fractions rather than equal folds (scikit-learn's
 ``StratifiedGroupKFold`` only makes K equal folds; 70/15/15 is not one of those): groups, largest first (ties in a
 seeded order), each go to the split whose per-class counts it brings closest to their targets (``fraction x
 class total``; squared gaps, each class weighted by its size). Deterministic for the same input and seed. The
@@ -115,37 +116,6 @@ def groups_from_file(paths: Sequence[str], all_paths: Sequence[str], uri: str) -
             f"ingest.group_file {uri} gives no group for {len(missing)} of {len(paths)} files: {_examples(missing)}"
         )
     return {p: mapping[p] for p in paths}
-
-
-def split_by_groups(
-    items: Sequence[Item], groups: dict[str, str], num_classes: int, fractions: dict[str, float], seed: int
-) -> dict[str, list[Item]]:
-    """Assign whole groups to splits (see the module docstring); returns ``{split: items sorted by path}``."""
-    members: dict[str, list[Item]] = defaultdict(list)
-    for it in items:
-        members[groups[it.path]].append(it)
-    names = sorted(members)
-    counts = np.zeros((len(names), num_classes))
-    for g, name in enumerate(names):
-        for it in members[name]:
-            counts[g, it.label] += 1
-    totals = counts.sum(axis=0)
-    weight = 1.0 / np.maximum(totals, 1.0)  # squared gaps relative to the class size
-    share = {"val": fractions.get("val", 0.0), "test": fractions.get("test", 0.0)}
-    share["train"] = 1.0 - share["val"] - share["test"]
-    open_splits = [s for s in SPLITS if share[s] > 0]
-    target = np.stack([share[s] * totals for s in open_splits])
-    current = np.zeros_like(target)
-    rank = np.random.default_rng([seed, 104729]).permutation(len(names))
-    order = sorted(range(len(names)), key=lambda g: (-counts[g].sum(), rank[g]))
-    out: dict[str, list[Item]] = {s: [] for s in SPLITS}
-    for g in order:
-        v = counts[g]
-        gain = (((current + v - target) ** 2 - (current - target) ** 2) * weight).sum(axis=1)
-        best = int(np.argmin(gain))  # ties: the first of train, val, test
-        current[best] += v
-        out[open_splits[best]].extend(members[names[g]])
-    return {s: sorted(v, key=lambda it: it.path) for s, v in out.items()}
 
 
 def group_summary(

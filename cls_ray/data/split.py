@@ -17,6 +17,7 @@ the same split.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,7 +106,7 @@ def assign_splits(
     For a pre-split tree the given splits are kept; each split that the tree lacks (``val`` and/or ``test``) is
     carved off its ``train`` split, stratified, with that split's fraction of the train images. ``carved`` lists
     the splits made that way. With ``groups`` (path -> group) whole groups are assigned instead of single images
-    (:func:`cls_ray.data.groups.split_by_groups`).
+    (:func:`split_by_groups`).
     """
     out: dict[str, list[Item]] = {s: [] for s in SPLITS}
     carved: list[str] = []
@@ -121,8 +122,6 @@ def assign_splits(
         pool = list(items)
         carve_fractions = {s: fractions[s] for s in ("val", "test")}
     if groups is not None:
-        from cls_ray.data.groups import split_by_groups
-
         for split, chosen in split_by_groups(pool, groups, num_classes, carve_fractions, seed).items():
             out[split].extend(chosen)
         return {s: sorted(v, key=lambda it: it.path) for s, v in out.items()}, carved
@@ -134,6 +133,38 @@ def assign_splits(
         for split, paths in split_class(per_class.get(label, []), label, carve_fractions, seed).items():
             out[split].extend(by_path[p] for p in paths)
     return {s: sorted(v, key=lambda it: it.path) for s, v in out.items()}, carved
+
+
+def split_by_groups(
+    items: Sequence[Item], groups: dict[str, str], num_classes: int, fractions: dict[str, float], seed: int
+) -> dict[str, list[Item]]:
+    """Assign whole groups (``groups``: path -> group) to splits, the algorithm :mod:`cls_ray.data.groups`
+    describes; returns ``{split: items sorted by path}``."""
+    members: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        members[groups[it.path]].append(it)
+    names = sorted(members)
+    counts = np.zeros((len(names), num_classes))
+    for g, name in enumerate(names):
+        for it in members[name]:
+            counts[g, it.label] += 1
+    totals = counts.sum(axis=0)
+    weight = 1.0 / np.maximum(totals, 1.0)  # squared gaps relative to the class size
+    share = {"val": fractions.get("val", 0.0), "test": fractions.get("test", 0.0)}
+    share["train"] = 1.0 - share["val"] - share["test"]
+    open_splits = [s for s in SPLITS if share[s] > 0]
+    target = np.stack([share[s] * totals for s in open_splits])
+    current = np.zeros_like(target)
+    rank = np.random.default_rng([seed, 104729]).permutation(len(names))
+    order = sorted(range(len(names)), key=lambda g: (-counts[g].sum(), rank[g]))
+    out: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    for g in order:
+        v = counts[g]
+        gain = (((current + v - target) ** 2 - (current - target) ** 2) * weight).sum(axis=1)
+        best = int(np.argmin(gain))  # ties: the first of train, val, test
+        current[best] += v
+        out[open_splits[best]].extend(members[names[g]])
+    return {s: sorted(v, key=lambda it: it.path) for s, v in out.items()}
 
 
 def shard_order(items: list[Item], seed: int, split: str) -> list[Item]:
