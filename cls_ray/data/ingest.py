@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -187,6 +188,10 @@ def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[
     facts: dict[str, dict] = {}
     skipped: list[dict] = list(scan.skipped)
     uris = [f.uri for f in scan.files]
+    if opts.phash:
+        # The matching step's libraries (faiss, scipy's graph module: ~0.45 s of imports) load in the background
+        # while the worker processes validate, instead of after them.
+        threading.Thread(target=near_duplicates.preload, name="cls-ray-preload", daemon=True).start()
     logger.info("validating %d files with %d worker processes", len(uris), workers)
     with tqdm(total=len(uris), desc="validating", unit="img", disable=None) as bar:
         try:

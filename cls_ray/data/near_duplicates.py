@@ -49,6 +49,12 @@ def perceptual_hash(image: Image.Image) -> bytes:
     return np.packbits(low > np.median(low)).tobytes()
 
 
+def preload() -> None:
+    """Import what matching needs (faiss, scipy's csgraph); safe to run in a background thread."""
+    import faiss  # noqa: F401
+    import scipy.sparse.csgraph  # noqa: F401
+
+
 def _index_shape(threshold: int) -> tuple[int, int, int]:
     """``(chunks, bits per chunk, nflip)`` of an exact multi-index hash search within ``threshold`` bits."""
     chunks = min(16, max(4, threshold // 2 + 1))
@@ -100,7 +106,7 @@ def find_pairs(
 
 def cluster_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Connected components of the pair graph over ``n`` items: a label per item (singletons included)."""
-    if len(i) == 0:  # no pair: every item alone (and no 0.3 s import of scipy's csgraph)
+    if len(i) == 0:  # no pair: every item alone
         return np.arange(n)
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
