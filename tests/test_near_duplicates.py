@@ -167,7 +167,9 @@ def test_drop_keeps_one_image_per_cluster_and_class(planted, tmp_path):
     rows = _rows(tmp_path / "ds")
     assert info["dropped"] and not set(info["dropped"]) & set(rows)
     assert manifest["counts"]["near_duplicates_dropped"] == len(info["dropped"])
-    assert len(rows) == manifest["counts"]["kept"] == manifest["counts"]["valid"] - len(info["dropped"])
+    counts = manifest["counts"]
+    assert len(rows) == counts["kept"] == counts["valid"] - counts["duplicates_dropped"] - len(info["dropped"])
+    assert counts["files"] == counts["kept"] + counts["duplicates_dropped"] + len(info["dropped"]) + counts["skipped"]
     copies = planted["copies"]
     dropped_copies = [p for p in info["dropped"] if p in copies]
     assert len(dropped_copies) >= 0.9 * len(copies) * len(CAUGHT) / 4  # the caught copies are gone

@@ -550,7 +550,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
             "valid": len(items),
             "kept": len(kept),
             "skipped": len(skipped),
-            "duplicates_dropped": len(items) - len(kept),
+            "duplicates_dropped": len(items) - len(kept) - len(near_dropped),
             "hidden_ignored": scan.hidden_ignored,
         },
         "source": src,
@@ -560,7 +560,6 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
     if near_info is not None:
         manifest["near_duplicates"] = near_info
         manifest["counts"]["near_duplicates_dropped"] = len(near_dropped)
-        manifest["counts"]["kept"] = len(kept)
     write_manifest(dest, manifest)
     logger.info("dataset complete: %s", manifest_uri(dest))
     if summary:
