@@ -171,13 +171,14 @@ def machine_description() -> dict[str, object]:
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user + system CPU seconds) of a live process, from /proc."""
+    """(parent pid, CPU seconds) of a live process, from /proc: its own user + system time plus that of its children
+    it has already reaped (``cutime`` + ``cstime``), so a worker that exits between two readings keeps counting."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(root: int | None = None) -> float:
@@ -187,9 +188,11 @@ def tree_cpu_seconds(root: int | None = None) -> float:
     """
     root = os.getpid() if root is None else root
     stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
-            stats[int(entry)] = stat
+    # Highest pid first: a child is usually read before its parent, so one that exits and is reaped mid-scan is
+    # counted (at worst twice, never lost): the total never goes down between two readings.
+    for pid in sorted((int(e) for e in os.listdir("/proc") if e.isdigit()), reverse=True):
+        if (stat := _proc_stat(pid)) is not None:
+            stats[pid] = stat
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)

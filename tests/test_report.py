@@ -363,3 +363,27 @@ def test_audit_finds_flipped_labels(ray_instance, trained_package, tmp_path):
     with pytest.raises(AuditError, match=r"no-val has no images in split\(s\) val \(audit.splits; the dataset has"):
         audit(str(trained_package["package"]), str(no_val), str(tmp_path / "x"), AuditConfig(splits=["val", "test"]))
     assert not (tmp_path / "x").exists()
+
+
+def test_report_written_to_s3(ray_instance, trained_package, s3_server, s3_bucket):
+    """``--output s3://...``: the page and its numbers land in the bucket (nothing else there), and report.json
+    reads back through the same storage layer with the numbers the call returned."""
+    import boto3
+
+    out = f"{s3_bucket}/reports/digits"
+    cfg = ReportConfig(corruptions=[], gradcam_max_images=0, bootstrap_resamples=50, label_issues=4)
+    report = build_report(str(trained_package["package"]), str(trained_package["dataset"]), "test", out, cfg)
+    assert report["output_dir"] == out
+    bucket = s3_bucket.removeprefix("s3://")
+    listed = boto3.client("s3", endpoint_url=s3_server.endpoint).list_objects_v2(Bucket=bucket)
+    assert sorted(o["Key"] for o in listed["Contents"]) == [
+        f"reports/digits/{REPORT_HTML}",
+        f"reports/digits/{REPORT_JSON}",
+    ]
+    written = json.loads(storage.read_bytes(storage.join(out, REPORT_JSON)))
+    assert written["metrics"] == report["metrics"] and written["robustness"]["rows"] == []
+    page = storage.read_bytes(storage.join(out, REPORT_HTML)).decode()
+    assert (
+        page.startswith("<!DOCTYPE html>")
+        and f"<td class='l'>top1</td><td>{report['metrics']['top1']:.4f}</td>" in page
+    )
