@@ -11,7 +11,9 @@ probability of its given label); the list is ranked by it, lowest first.
 Written to ``DIR`` (default ``MODEL/audit``): ``label_issues.csv`` (one row per flagged image) and
 ``label_issues.json`` (the settings, counts per class and the same rows), the JSON last. Only images the model never
 trained on can be audited this way; a model scored on its own training images is over-confident about their
-labels, whatever they are. K-fold cross-validation of the training split is not built yet.
+labels, whatever they are: the train split is audited only with ``audit.folds`` = K >= 2, its probabilities then
+coming from K models retrained on the other folds (:mod:`cls_ray.crossval`; written under
+``DIR/cross-validation``). Every row says which model scored it (``scored_by``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 AUDIT_JSON = "label_issues.json"
 AUDIT_CSV = "label_issues.csv"
 AUDIT_FORMAT_VERSION = 1
+CROSS_VALIDATION_DIR = "cross-validation"
 
 
 class AuditError(ValueError):
@@ -62,6 +65,7 @@ def issue_rows(
     ranked: np.ndarray,
     scores: np.ndarray,
     classes: list[str],
+    scored_by: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for rank, i in enumerate(ranked, start=1):
@@ -76,6 +80,7 @@ def issue_rows(
                 "given_probability": float(probs[i, labels[i]]),
                 "suggested_probability": float(probs[i, suggested]),
                 "label_quality": float(scores[i]),
+                "scored_by": scored_by[i] if scored_by is not None else "model",
             }
         )
     return rows
@@ -92,6 +97,7 @@ def _csv(rows: list[dict[str, Any]]) -> bytes:
         "given_probability",
         "suggested_probability",
         "label_quality",
+        "scored_by",
     ]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -128,26 +134,57 @@ def audit(
     ensure_ray()
     paths: list[str] = []
     split_of: list[str] = []
-    labels, logits = [], []
-    for split in cfg.splits:
-        results = run_passes(
-            model_uri,
-            data_uri,
-            manifest,
-            split,
-            [(CLEAN, 0)],
-            batch_size=cfg.batch_size,
-            use_gpu=cfg.use_gpu,
-            max_replicas=cfg.max_replicas,
-            desc=f"audit {split}",
-        )
-        paths += results.paths
-        split_of += [split] * len(results.paths)
-        labels.append(results.labels)
-        logits.append(results.logits)
-    y = np.concatenate(labels)
+    scored_by: list[str] = []
+    labels, logits, temperatures = [], [], []
     temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
-    probs = softmax(np.concatenate(logits), temperature).astype(np.float64)
+    cross_validation = None
+    for split in cfg.splits:
+        if split == "train":
+            from cls_ray.crossval import cross_validate
+
+            folds = cross_validate(
+                model_uri,
+                data_uri,
+                storage.join(output_dir, CROSS_VALIDATION_DIR),
+                folds=cfg.folds,
+                seed=cfg.fold_seed,
+                overrides=cfg.fold_overrides,
+                batch_size=cfg.batch_size,
+                use_gpu=cfg.use_gpu,
+                max_replicas=cfg.max_replicas,
+            )
+            paths += folds.paths
+            scored_by += [f"fold {int(f)}" for f in folds.fold]
+            labels.append(folds.labels)
+            logits.append(folds.logits)
+            temperatures.append(np.ones(len(folds.paths)))  # the fold models are not calibrated
+            cross_validation = {
+                "folds": cfg.folds,
+                "seed": cfg.fold_seed,
+                "overrides": list(cfg.fold_overrides),
+                "packages": folds.packages,
+                "fold_top1": folds.fold_top1,
+            }
+        else:
+            results = run_passes(
+                model_uri,
+                data_uri,
+                manifest,
+                split,
+                [(CLEAN, 0)],
+                batch_size=cfg.batch_size,
+                use_gpu=cfg.use_gpu,
+                max_replicas=cfg.max_replicas,
+                desc=f"audit {split}",
+            )
+            paths += results.paths
+            scored_by += ["model"] * len(results.paths)
+            labels.append(results.labels)
+            logits.append(results.logits)
+            temperatures.append(np.full(len(results.paths), temperature))
+        split_of += [split] * (len(paths) - len(split_of))
+    y = np.concatenate(labels)
+    probs = softmax(np.concatenate(logits) / np.concatenate(temperatures)[:, None], 1.0).astype(np.float64)
     missing_classes = sorted(set(range(len(classes))) - set(np.unique(y).tolist()))
     if missing_classes:
         raise AuditError(
@@ -155,7 +192,7 @@ def audit(
             f"{', '.join(classes[c] for c in missing_classes[:5])}: confident learning needs every class present"
         )
     ranked, scores = label_issues(y, probs, cfg.filter_by)
-    rows = issue_rows(paths, split_of, y, probs, ranked, scores, classes)
+    rows = issue_rows(paths, split_of, y, probs, ranked, scores, classes, scored_by)
     per_class = {c: 0 for c in classes}
     for row in rows:
         per_class[row["given"]] += 1
@@ -167,6 +204,7 @@ def audit(
         "splits": list(cfg.splits),
         "images": len(paths),
         "temperature": temperature,
+        "cross_validation": cross_validation,
         "method": f"cleanlab.filter.find_label_issues(filter_by={cfg.filter_by!r}), ranked by self-confidence",
         "issues": len(rows),
         "issues_per_class": per_class,

@@ -78,7 +78,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from cls_ray.audit import audit, print_audit
 
-    overrides = list(args.overrides) + ([f"audit.splits=[{args.splits}]"] if args.splits else [])
+    overrides = list(args.overrides)
+    if args.folds is not None:  # K-fold cross-validation audits the train split too, unless --splits says otherwise
+        overrides += [f"audit.folds={args.folds}"] + ([] if args.splits else ["audit.splits=[train,val,test]"])
+    overrides += [f"audit.splits=[{args.splits}]"] if args.splits else []
     cfg = load_config(args.config, overrides)
     print_audit(audit(args.model, args.data, output_dir=args.output, cfg=cfg.audit))
     return 0
@@ -192,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model package (local dir or s3:// URI)")
     p.add_argument("data", help="dataset written by cls-ray ingest (local dir or s3:// URI)")
     p.add_argument("--splits", help="comma-separated splits to audit (default: val,test; audit.splits)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        help="K: audit the train split too, by K-fold cross-validation (K retrained models; audit.folds)",
+    )
     p.add_argument("--output", help="output folder (default: MODEL/audit; local or s3://)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_audit)

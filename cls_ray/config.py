@@ -756,11 +756,33 @@ class AuditConfig:
         "prune_by_noise_rate"
     )
     """cleanlab's ``find_label_issues`` method."""
+    folds: int = 0
+    """K >= 2: audit the train split too, with out-of-sample probabilities from K-fold cross-validation (K models
+    retrained with the audited model's recorded config, one Ray Tune job; :mod:`cls_ray.crossval`); 0: off."""
+    fold_seed: int = 0
+    """Seed of the fold assignment (stratified by class, groups kept in one fold)."""
+    fold_overrides: list[str] = field(default_factory=list)
+    """``--set``-style changes to the recorded training config of the fold models, e.g. ``["train.epochs=5",
+    "train.num_workers=1"]`` (to fit another cluster, or to trade accuracy for time)."""
     batch_size: int = 128
     use_gpu: bool = False
     max_replicas: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.folds == 0 or self.folds >= 2, "audit.folds", f"must be 0 (off) or at least 2, not {self.folds}")
+        _check(
+            "train" not in self.splits or self.folds >= 2,
+            "audit.splits",
+            "names train, but the model trained on those images (its confidence there says nothing about their "
+            "labels): set audit.folds >= 2 to cross-validate them",
+        )
+        _check(
+            self.folds == 0 or "train" in self.splits,
+            "audit.folds",
+            "cross-validates the train split: add train to audit.splits",
+        )
+        for item in self.fold_overrides:
+            _check("=" in item and "." in item.split("=", 1)[0], "audit.fold_overrides", f"{item!r} is not key=value")
         _check(bool(self.splits), "audit.splits", "name at least one split")
         for split in self.splits:
             _check(split in ("train", "val", "test"), "audit.splits", f"unknown split {split!r} (train, val, test)")
@@ -928,6 +950,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``data`` (a config as nested dicts) with ``--set``-style ``overrides`` merged in (a new dict)."""
+    return _merge(data, parse_overrides(overrides))
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -87,7 +87,7 @@ def test_groups_never_straddle_splits_and_the_split_is_reproducible(digits, tmp_
     assert sum(len(s) > 1 for s in plain_where.values()) > 30
     assert "groups" not in json.loads((plain / "manifest.json").read_text())["split"]
     for shard in (plain / "train").glob("*.parquet"):  # the dataset contract's columns (docs/design.md)
-        assert pq.read_schema(shard).names == ["image", "label", "path", "width", "height", "group"]
+        assert pq.read_schema(shard).names == ["image", "label", "path", "width", "height", "group", "near_duplicate"]
 
     # the report's slices read the group column
     labels, groups = _split_paths_and_labels(str(tmp_path / "a"), first, "test")

@@ -387,3 +387,73 @@ def test_report_written_to_s3(ray_instance, trained_package, s3_server, s3_bucke
         page.startswith("<!DOCTYPE html>")
         and f"<td class='l'>top1</td><td>{report['metrics']['top1']:.4f}</td>" in page
     )
+
+
+def test_audit_cross_validates_the_training_split(ray_instance, trained_package, tmp_path, capsys):
+    """``audit.folds=2`` on a train split with 10% of its labels flipped on purpose: two models retrained with the
+    package's recorded config (one Ray Tune job), each scoring the fold it never saw, find most of the flips; the
+    folds keep classes balanced and groups whole; a second call reuses the fold models and gives the same list."""
+    from cls_ray.crossval import FOLDS_DIR
+
+    src = write_digits_folders(tmp_path / "digits")
+    files = sorted(src.rglob("*.png"))
+    rng = np.random.default_rng(1)
+    flipped: dict[str, str] = {}
+    for path in rng.choice(files, size=len(files) // 10, replace=False):
+        true = path.parent.name
+        wrong = f"digit_{(int(true.split('_')[1]) + int(rng.integers(1, 10))) % 10}"
+        path.rename(src / wrong / path.name)
+        flipped[f"{wrong}/{path.name}"] = true
+    for path in rng.choice(sorted(set(files) - {src / p for p in flipped}), size=60, replace=False):
+        if path.exists():  # a near-copy (3 grey levels brighter): ingest groups the pair (ingest.near_duplicates)
+            pixels = np.asarray(Image.open(path), dtype=np.int16) + 3
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path.with_name(f"{path.stem}-copy.png"))
+    dataset = tmp_path / "dataset"
+    ingest(str(src), str(dataset), IngestConfig(val_fraction=0.1, test_fraction=0.1), summary=False)
+    train_rows = pq.read_table(dataset / "train", columns=["path", "label", "near_duplicate"]).to_pylist()
+    out = tmp_path / "audit"
+    cfg = AuditConfig(splits=["train"], folds=2)
+    result = audit(str(trained_package["package"]), str(dataset), str(out), cfg)
+
+    cv = result["cross_validation"]
+    assert result["images"] == len(train_rows) and {r["split"] for r in result["rows"]} == {"train"}
+    held_out = {}
+    for i in range(2):
+        fold = pq.read_table(out / "cross-validation" / FOLDS_DIR / f"fold-{i}.parquet").to_pylist()
+        held_out.update({r["path"]: i for r in fold})
+        counts = np.bincount([r["label"] for r in fold], minlength=10)
+        assert counts.min() >= 0.4 * len(train_rows) / 20, counts  # stratified: every class in every fold
+        fold_meta = read_package_meta(cv["packages"][i])
+        assert fold_meta["architecture"] == "resnet10t" and fold_meta["train_config"]["train"]["epochs"] == 4
+        assert fold_meta["dataset"]["uri"].endswith(f"fold-{i}")
+    assert len(held_out) == len(train_rows)  # every training image held out exactly once
+    groups: dict[str, set[int]] = {}
+    for r in train_rows:
+        if r["near_duplicate"] is not None:
+            groups.setdefault(r["near_duplicate"], set()).add(held_out[r["path"]])
+    assert groups and all(len(f) == 1 for f in groups.values())  # near-duplicate clusters stay in one fold
+    assert all(r["scored_by"] == f"fold {held_out[r['path']]}" for r in result["rows"])
+
+    planted = {p for p in flipped if p in held_out}
+    flagged = [r["path"] for r in result["rows"]]
+    recall = sum(p in planted for p in flagged) / len(planted)
+    precision_at_k = sum(p in planted for p in flagged[: len(planted)]) / len(planted)
+    print(
+        f"cross-validated audit: {len(planted)} flipped of {len(train_rows)}: recall {recall:.2f}, "
+        f"precision@{len(planted)} {precision_at_k:.2f}, fold top-1 {cv['fold_top1']}"
+    )
+    assert recall >= 0.7 and precision_at_k >= 0.7
+
+    runs = sorted(p.name for p in (out / "cross-validation" / "runs").iterdir())
+    weights = [Path(p, "model.safetensors").stat().st_mtime_ns for p in cv["packages"]]
+    again = audit(str(trained_package["package"]), str(dataset), str(out), cfg)
+    assert again["rows"] == result["rows"]
+    assert [Path(p, "model.safetensors").stat().st_mtime_ns for p in again["cross_validation"]["packages"]] == weights
+    assert sorted(p.name for p in (out / "cross-validation" / "runs").iterdir()) == runs
+
+    with pytest.raises(ConfigError, match="audit.splits: names train"):
+        AuditConfig(splits=["train", "val"])
+    from cls_ray.cli import main
+
+    assert main(["audit", str(trained_package["package"]), str(dataset), "--folds", "1"]) == 2
+    assert "audit.folds: must be 0 (off) or at least 2, not 1" in capsys.readouterr().err

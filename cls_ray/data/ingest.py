@@ -251,7 +251,9 @@ def _write_shards(
     num_classes: int,
     cfg: IngestConfig,
     groups: dict[str, str] | None,
+    clusters: list[list[str]],
 ) -> dict[str, dict]:
+    cluster_of = {path: min(cluster) for cluster in clusters for path in cluster}
     out = {}
     for split in SPLIT_DIRS:
         rows = (
@@ -262,6 +264,7 @@ def _write_shards(
                 facts[it.path]["width"],
                 facts[it.path]["height"],
                 groups.get(it.path) if groups else None,
+                cluster_of.get(it.path),
             )
             for it in shard_order(splits[split], cfg.seed, split)
         )
@@ -526,7 +529,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
             _warn_near_duplicates(near_info)
         _warn_missing(splits, scan.classes)
         _clear_dest(dest)
-        split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg, groups)
+        split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg, groups, found)
         betons = _write_betons(dest, splits, facts, spool, cfg) if cfg.ffcv else None
     finally:
         spool.close()

@@ -81,10 +81,16 @@ def read_manifest(dataset_uri: str) -> dict[str, Any]:
 def split_shard_uris(dataset_uri: str, manifest: dict[str, Any], split: str) -> list[str]:
     """Full URIs of the Parquet shards of one split (``train``, ``val`` or ``test``), in manifest order.
 
+    A shard names its file by ``path``, relative to the dataset, or (in a dataset made of another's files, such as
+    the cross-validation folds of :mod:`cls_ray.crossval`) by an absolute ``uri``.
+
     Raises:
         ManifestError: ``split`` is not a split of this dataset.
     """
     splits = manifest.get("splits", {})
     if split not in splits:
         raise ManifestError(f"{dataset_uri}: no split {split!r} in the manifest (has: {', '.join(sorted(splits))})")
-    return [storage.join(dataset_uri, *shard["path"].split("/")) for shard in splits[split]["shards"]]
+    return [
+        shard["uri"] if "uri" in shard else storage.join(dataset_uri, *shard["path"].split("/"))
+        for shard in splits[split]["shards"]
+    ]

@@ -1,7 +1,9 @@
 """Writing dataset shards: Parquet files of encoded images, written through pyarrow filesystems (local or S3).
 
 Schema (the dataset contract in docs/design.md): ``image`` binary, ``label`` int64, ``path`` string, ``width``
-int32, ``height`` int32, ``group`` string (null unless ``ingest.group_by`` or ``group_file`` gave groups). Image
+int32, ``height`` int32, ``group`` string (null unless ``ingest.group_by`` or ``group_file`` gave groups),
+``near_duplicate`` string (the image's near-duplicate cluster, named after its first member's path; null outside
+clusters and with ``ingest.near_duplicates=off``: what K-fold cross-validation keeps in one fold). Image
 bytes are already compressed, so that column is stored uncompressed and without statistics or dictionary; a shard
 holds row groups of at most ``ROW_GROUP_ROWS`` rows so readers can stream it.
 """
@@ -24,6 +26,7 @@ SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("group", pa.string()),
+        pa.field("near_duplicate", pa.string()),
     ]
 )
 ROW_GROUP_ROWS = 1024
@@ -40,6 +43,7 @@ class Row:
     width: int
     height: int
     group: str | None = None
+    near_duplicate: str | None = None
 
 
 @dataclass
@@ -55,6 +59,7 @@ class _Batch:
             [r.width for r in self.rows],
             [r.height for r in self.rows],
             [r.group for r in self.rows],
+            [r.near_duplicate for r in self.rows],
         )
         return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA)
 
