@@ -123,6 +123,7 @@ def timed_ingest(src: str, dest: str, cfg: IngestConfig) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--side", type=int, default=224, help="side of the generated JPEGs (px)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-s3", action="store_true")
@@ -130,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cls-ray-bench-") as tmp:
         src = Path(tmp) / "src"
-        files = make_images(src, args.images)
+        files = make_images(src, args.images, args.side)
         n, w = len(files), args.workers
         cfg = IngestConfig(num_workers=w)
         rows = [("baseline: 1 process, open+decode only", baseline(files), 1)]

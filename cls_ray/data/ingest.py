@@ -188,10 +188,6 @@ def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[
     facts: dict[str, dict] = {}
     skipped: list[dict] = list(scan.skipped)
     uris = [f.uri for f in scan.files]
-    if opts.phash:
-        # The matching step's libraries (faiss, scipy's graph module: ~0.45 s of imports) load in the background
-        # while the worker processes validate, instead of after them.
-        threading.Thread(target=near_duplicates.preload, name="cls-ray-preload", daemon=True).start()
     logger.info("validating %d files with %d worker processes", len(uris), workers)
     with tqdm(total=len(uris), desc="validating", unit="img", disable=None) as bar:
         try:
@@ -486,6 +482,10 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         if summary:
             print_ingest_summary(existing)
         return existing
+    if cfg.near_duplicates != "off":
+        # The matching step's libraries (faiss, scipy's graph module: ~0.5 s of CPU to import) load in the
+        # background while the source is listed and the worker processes start, instead of after validation.
+        threading.Thread(target=near_duplicates.preload, name="cls-ray-preload", daemon=True).start()
     scan = scan_source(src)
     _check_dest(dest, src)
     spool = _Spool()
