@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from cls_ray.config import ConfigError, load_config
+from cls_ray.config import ConfigError, RunFailed, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cls-ray {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"cls-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as exc:
         # Every user-facing error type of cls-ray (StorageError, IngestError, PackageError...) is one of these.
         print(f"cls-ray {args.command}: error: {exc}", file=sys.stderr)

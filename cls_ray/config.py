@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the key, the source and what to do."""
 
 
+class RunFailed(RuntimeError):
+    """A distributed run (a Ray Train run) failed after it started; the message names the run, the cause and what
+    a re-run does. The CLI prints it as one line, like :class:`ConfigError`."""
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")

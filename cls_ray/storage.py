@@ -9,8 +9,9 @@ reach logs, manifests or checkpoints. No other module special-cases S3.
 S3-compatible stores (MinIO, Ceph RGW, SeaweedFS...) work out of the box: with an endpoint override and no choice
 of the user's, :func:`s3_compat_env` turns the AWS SDKs' optional checksums to ``when_required``
 (see :data:`CHECKSUM_VARIABLES`). Transient errors (a store restarting, a reset connection) are retried with
-backoff for a bounded time (``CLS_RAY_S3_MAX_ATTEMPTS``); :func:`check_bucket` fails fast before any work when
-the endpoint, the credentials or the bucket are wrong.
+backoff for a bounded time (``CLS_RAY_S3_RETRY_S``, default 60 s; :mod:`cls_ray.retrying_fs`), by every caller of
+the filesystem :func:`resolve` returns, Ray Train's checkpoint uploads included; :func:`check_bucket` fails fast
+before any work when the endpoint, the credentials or the bucket are wrong.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def _s3_options(max_attempts: int | None = None) -> dict[str, Any]:
     endpoint = endpoint_override()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if max_attempts is None:
-        # The SDK's standard strategy backs off exponentially (capped at 20 s): 6 attempts retry a failing call for
-        # about 15 s, long enough for a store to restart, short enough that a dead one fails the run soon.
+        # The SDK's own quick retries (its standard strategy: jittered backoff from 25 ms, well under a second for
+        # 6 attempts); riding out a store that restarts for seconds is retrying_fs's bounded retries on top.
         max_attempts = int(os.environ.get("CLS_RAY_S3_MAX_ATTEMPTS", "6"))
     options: dict[str, Any] = {
         "connect_timeout": float(os.environ.get("CLS_RAY_S3_CONNECT_TIMEOUT", "5")),
@@ -115,11 +116,18 @@ def _s3_options(max_attempts: int | None = None) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _s3_filesystem(options_key: str, max_attempts: int | None = None) -> pafs.S3FileSystem:
+def _s3_filesystem(options_key: str, max_attempts: int | None = None) -> pafs.FileSystem:
+    """The S3 filesystem for the current environment: with ``max_attempts`` (a quick check), the SDK's own; without,
+    wrapped so every call rides out a store restarting (:mod:`cls_ray.retrying_fs`, ``CLS_RAY_S3_RETRY_S``)."""
     del options_key  # only part of the cache key: the environment the filesystem was built from
     # The SDK reads the checksum variables when a client is built (here, and where Ray unpickles this filesystem).
     s3_compat_env()
-    return pafs.S3FileSystem(**_s3_options(max_attempts))
+    raw = pafs.S3FileSystem(**_s3_options(max_attempts))
+    if max_attempts is not None:
+        return raw
+    from cls_ray.retrying_fs import retrying_filesystem
+
+    return retrying_filesystem(raw)
 
 
 def _s3_cache_key() -> str:
@@ -133,6 +141,7 @@ def _s3_cache_key() -> str:
         "AWS_PROFILE",
         *CHECKSUM_VARIABLES,
         "CLS_RAY_S3_MAX_ATTEMPTS",
+        "CLS_RAY_S3_RETRY_S",
         "CLS_RAY_S3_CONNECT_TIMEOUT",
         "CLS_RAY_S3_REQUEST_TIMEOUT",
     )

@@ -96,7 +96,8 @@ def test_resolve_local_file_and_s3(tmp_path, monkeypatch, s3_server):
     fs, path = storage.resolve(f"file://{tmp_path}/y")
     assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/y"
     fs, path = storage.resolve("s3://bucket/some/prefix/")
-    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/some/prefix"
+    assert path == "bucket/some/prefix"
+    assert fs.type_name == "py::cls-ray-retrying+s3" and isinstance(fs.handler.fs, pafs.S3FileSystem)
     assert storage.join("s3://b/p/", "train", "x.parquet") == "s3://b/p/train/x.parquet"
     assert storage.join("file:///d", "m.json") == "file:///d/m.json"
     assert storage.join("rel", "a") == os.path.join("rel", "a")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import timm
 from ray.train.torch import TorchTrainer
 
 from cls_ray import storage
-from cls_ray.config import Config, ConfigError, to_dict, with_absolute_paths, write_resolved
+from cls_ray.config import Config, ConfigError, RunFailed, to_dict, with_absolute_paths, write_resolved
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import SharedSplit, build_eval_dataset, build_train_dataset
 from cls_ray.metrics import SCALAR_METRICS
@@ -304,6 +305,23 @@ def _check_resume_compatible(run_uri: str, cfg: Config) -> None:
         )
 
 
+def failure_reason(exc: BaseException, run_uri: str) -> str:
+    """One line for a failed Ray Train run: the controller's or the first worker's error (its last line, where Ray
+    gives a traceback), with the storage hint of :func:`cls_ray.storage.describe_error` when it is a storage error
+    of a remote run."""
+    cause: Any = getattr(exc, "controller_failure", None)
+    if cause is None:
+        failures = getattr(exc, "worker_failures", None) or {}
+        cause = next(iter(failures.values()), None) if failures else None
+    lines = [line.strip() for line in str(cause if cause is not None else exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("...")] or [type(exc).__name__]
+    line = next((x for x in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", x)), lines[-1])
+    line = re.sub(r"^[\w.]+(Error|Exception): ", "", line)
+    if storage.is_remote(run_uri) and re.search(r"curl|connect|timeout|access.denied|bucket", line, re.I):
+        return storage.describe_error(run_uri, OSError(line)).split(": ", 1)[1]
+    return line
+
+
 def train(data_uri: str, cfg: Config) -> TrainResult:
     """Train (or resume) the run ``{train.storage_path}/{train.run_name}`` and package its best checkpoint."""
     data_uri, cfg = storage.absolute(data_uri), with_absolute_paths(cfg)  # the workers' directory is not ours
@@ -313,7 +331,13 @@ def train(data_uri: str, cfg: Config) -> TrainResult:
     trainer = build_trainer(data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name)
     write_resolved(cfg, run_uri)
     logger.info("training %s on %s with %d worker(s); run %s", cfg.model.name, data_uri, cfg.train.num_workers, run_uri)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RunFailed(
+            f"training run {run_uri} failed: {failure_reason(exc, run_uri)}; the same command resumes it from its "
+            f"last complete checkpoint"
+        ) from exc
     package_uri = export_package(result, data_uri, cfg, storage.join(run_uri, PACKAGE_DIR))
     best = _best_checkpoint(result, cfg)
     with best.as_directory() as directory:
