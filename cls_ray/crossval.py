@@ -227,8 +227,10 @@ def _fold_trial(config: dict[str, Any], datasets: list[str], configs: list[Confi
 def _run_folds(todo: list[int], datasets: list[str], configs: list[Config], root: str) -> None:
     import ray.tune as ray_tune
 
+    from cls_ray import ray_internals
     from cls_ray.tune.tuner import DRIVER_RESOURCES, derive_max_concurrent_trials
 
+    ray_internals.stop_tune_credential_propagation()  # before the trainable's actor class is made
     fs, path = storage.resolve(root)
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(_fold_trial, datasets=datasets, configs=configs), DRIVER_RESOURCES

@@ -19,6 +19,9 @@ and falls back to a safe behaviour, instead of breaking a run:
 * :func:`trial_index`: the ``{n}_{params}`` format of Tune's ``Trial.experiment_tag`` (``n``: the order in which
   the searcher created the trial), which names trials ``trial_0001_...`` deterministically so a resumed experiment
   keeps its names. Fallback: ``None``; trials are named after their public ``trial_id``.
+* :func:`stop_tune_credential_propagation`: ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``, the
+  variables Tune copies from the driver into every trial's runtime env, AWS credentials among them (which Ray's
+  runtime-env agent then logs in clear). Fallback: one warning; Tune keeps copying them.
 * :func:`ray_jemalloc_library`: ``ray/core/libjemalloc.so`` inside Ray's wheel, the allocator cls-ray preloads
   into CPU training workers (``train.cpu_allocator``). Fallback: ``None``; the workers keep the system allocator.
 
@@ -223,3 +226,35 @@ def trial_index(trial: Any) -> int | None:
             "trials are named after their trial_id instead of a number",
         )
         return None
+
+
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+"""The AWS credential variables Ray Tune copies from the driver into every trial's runtime env."""
+
+
+def stop_tune_credential_propagation() -> bool:
+    """Stop Ray Tune from copying the driver's AWS credential variables into each trial actor's runtime env.
+
+    Ray 2.60's ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`` names them, and Ray's runtime-env agent
+    then logs that runtime env, secret key included, in ``runtime_env_agent.log`` (readable from the dashboard and
+    ``ray logs``). cls-ray takes credentials only from each node's own environment or files (a local cluster
+    inherits the driver's; a remote node has its own, as every other Ray worker there needs them), so removing the
+    names loses nothing. No public API controls the propagation. Returns whether the names were removed; where the
+    set is missing or reshaped, one warning says Tune may still copy them."""
+    try:
+        from ray.tune.execution import class_cache
+
+        names = class_cache.ENV_VARS_TO_PROPAGATE
+        if not isinstance(names, set):
+            raise TypeError(f"expected a set, found {type(names).__name__}")
+        names.difference_update(CREDENTIAL_VARIABLES)
+        return True
+    except Exception as exc:  # noqa: BLE001 - moved, renamed or reshaped: warn once, keep running
+        _fall_back(
+            "tune_credential_propagation",
+            "ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE",
+            exc,
+            "Ray Tune may copy the AWS credential variables into trial runtime envs, which Ray's runtime-env agent "
+            "logs; prefer instance roles or credential files on the nodes",
+        )
+        return False

@@ -180,6 +180,49 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     }
 
 
+def assert_secret_absent(
+    *, uris: tuple[str, ...] = (), dirs: tuple[Path, ...] = (), texts: dict[str, str] | None = None
+) -> int:
+    """Fail where :data:`S3_SECRET_KEY` (a recognisable value) appears: in any object below the ``s3://`` ``uris``,
+    any file below the local ``dirs``, or any of the named ``texts`` (logs, job metadata). Returns how many objects,
+    files and texts were searched, so a caller can assert the search covered something."""
+    from cls_ray import storage
+
+    needle, found, searched = S3_SECRET_KEY.encode(), [], 0
+    for uri in uris:
+        for info in storage.list_files(uri):
+            searched += 1
+            if needle in storage.read_bytes(f"s3://{info.path}"):
+                found.append(f"s3://{info.path}")
+    for root in dirs:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                searched += 1
+                if needle in path.read_bytes():
+                    found.append(str(path))
+    for name, text in (texts or {}).items():
+        searched += 1
+        if S3_SECRET_KEY in text:
+            found.append(name)
+    assert not found, f"the S3 secret key appears in {len(found)} place(s): {found[:5]}"
+    return searched
+
+
+def ray_log_texts(address: str) -> dict[str, str]:
+    """Every log file of every node of the Ray cluster at ``address`` (the state API: ``ray logs``), by name."""
+    from ray.util.state import get_log, list_logs, list_nodes
+
+    texts = {}
+    for node in list_nodes(address=address):
+        for names in list_logs(address=address, node_id=node.node_id).values():
+            for name in names:
+                with contextlib.suppress(Exception):  # a log rotated or removed between listing and reading
+                    texts[f"{node.node_id[:8]}:{name}"] = "".join(
+                        get_log(address=address, node_id=node.node_id, filename=name, tail=-1, errors="replace")
+                    )
+    return texts
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server (:class:`S3Server`, SeaweedFS) for the session; sets the standard AWS variables so every

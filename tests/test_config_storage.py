@@ -1,4 +1,5 @@
-"""The typed config loader (YAML + ``--set``) and URI storage (local paths, file://, s3:// on the moto server)."""
+"""The typed config loader (YAML + ``--set``) and URI storage (local paths, file://, s3:// on the session's
+SeaweedFS server)."""
 
 from __future__ import annotations
 

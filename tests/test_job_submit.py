@@ -1,7 +1,7 @@
 """A user's cluster workflow, for real: a standalone Ray 2.60 head started with ``ray start`` and token
 authentication, cls-ray jobs submitted to it through ``cluster/submit.sh`` (``ray job submit`` with
-``cluster/runtime_env.yaml``), reading and writing S3 (the moto server on 127.0.0.1, whose credentials the head's
-environment carries like a cluster node's would).
+``cluster/runtime_env.yaml``), reading and writing S3 (the session's SeaweedFS server on 127.0.0.1, whose
+credentials the head's environment carries like a cluster node's would).
 
 Other engineers run Ray on this machine, so the head gets its own free ports and temp dir and only the processes
 it started are stopped afterwards (never ``ray stop``, which stops every Ray instance of the machine).
@@ -9,6 +9,7 @@ it started are stopped afterwards (never ``ray stop``, which stops every Ray ins
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_ports, write_digits_folders
+from conftest import assert_secret_absent, free_ports, write_digits_folders
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -234,6 +235,14 @@ def test_ingest_job_runs_on_the_cluster_from_s3_to_s3(ray_head: Head, s3_bucket:
     assert client.get_job_status(job_id).value == "SUCCEEDED"
     logs = client.get_job_logs(job_id)
     assert "dataset complete" in logs and "manifest.json" in logs
+    # The head's environment holds the credentials, as a cluster node's would: nothing the job leaves behind
+    # (its metadata, runtime env and entrypoint as the dashboard shows them, its logs, the dataset) carries them.
+    info = client.get_job_info(job_id)
+    job_record = json.dumps(
+        {"entrypoint": info.entrypoint, "metadata": info.metadata, "runtime_env": info.runtime_env}, default=str
+    )
+    texts = {"job record": job_record, "job logs": logs, "submit output": result.stdout + result.stderr}
+    assert assert_secret_absent(uris=(dest,), texts=texts) > 3
 
 
 def test_failed_job_fails_the_submission_with_cls_rays_error(ray_head: Head, s3_bucket: str) -> None:

@@ -404,3 +404,25 @@ def test_eval_splits_cover_every_row_once_with_rays_default_ingest_options(ray_i
             t.join(timeout=120)
     assert len(rows[0, "train"]) == len(rows[1, "train"]) == 5
     assert sorted(rows[0, "val"] + rows[1, "val"]) == list(range(7))
+
+
+def test_tune_stops_copying_aws_credentials_into_trial_runtime_envs():
+    """Ray Tune 2.60 copies the driver's AWS credential variables into every trial's runtime env, which Ray's
+    runtime-env agent logs in clear; cls-ray removes them from the set Tune copies (the S3 Tune test then finds
+    the secret in no log of the cluster)."""
+    from ray.tune.execution import class_cache
+
+    assert ray_internals.stop_tune_credential_propagation() is True
+    assert not set(ray_internals.CREDENTIAL_VARIABLES) & class_cache.ENV_VARS_TO_PROPAGATE
+    assert "PL_DISABLE_FORK" in class_cache.DEFAULT_ENV_VARS  # the rest of Tune's propagation is untouched
+
+
+def test_credential_propagation_left_alone_with_one_warning_where_tune_reshaped_it(monkeypatch, caplog):
+    from ray.tune.execution import class_cache
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", frozenset({"AWS_SECRET_ACCESS_KEY"}))
+    monkeypatch.setattr(ray_internals, "_WARNED", set())
+    assert ray_internals.stop_tune_credential_propagation() is False
+    assert ray_internals.stop_tune_credential_propagation() is False
+    (warning,) = fallback_warnings(caplog)
+    assert "ENV_VARS_TO_PROPAGATE" in warning and "credential" in warning

@@ -22,7 +22,7 @@ import pytest
 import ray
 import timm
 import torch
-from conftest import free_port, write_digits_folders
+from conftest import assert_secret_absent, free_port, write_digits_folders
 from PIL import Image
 from test_serve import make_digits_package
 from test_serve_browser import CHROMIUM, CHROMIUM_ARGS
@@ -384,6 +384,7 @@ def test_report_written_to_s3(ray_instance, trained_package, s3_server, s3_bucke
     ]
     written = json.loads(storage.read_bytes(storage.join(out, REPORT_JSON)))
     assert written["metrics"] == report["metrics"] and written["robustness"]["rows"] == []
+    assert assert_secret_absent(uris=(out,)) == 2
     page = storage.read_bytes(storage.join(out, REPORT_HTML)).decode()
     assert (
         page.startswith("<!DOCTYPE html>")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3Server, free_port, s3_environment
+from conftest import S3Server, assert_secret_absent, free_port, s3_environment
 from PIL import Image
 
 from cls_ray import storage
@@ -427,3 +427,6 @@ def test_server_killed_during_training_retries_then_fails_clearly_and_a_rerun_re
     assert resumed == registered[-1]  # the last registered (complete) checkpoint
     assert resumed >= before[-1] - 1  # at most the epoch in flight was lost
     assert storage.exists(f"{run_uri}/package/model.json")
+    # Neither the run (config, history, checkpoints, package) nor the driver's logs carry the secret key.
+    texts = {"first driver": text, "re-run driver": rerun.stdout + rerun.stderr}
+    assert assert_secret_absent(uris=(run_uri,), texts=texts) > 10

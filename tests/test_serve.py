@@ -1,7 +1,7 @@
 """Ray Serve stage: a real Serve cluster on 127.0.0.1 serving a real model package, driven over real HTTP.
 
-One Ray instance and two applications for the whole module: ``main`` (package loaded from the moto S3 server,
-API key required, one model replica) and ``scale`` (local package, deployed from the YAML that
+One Ray instance and two applications for the whole module: ``main`` (package loaded from the session's SeaweedFS
+S3 server, API key required, one model replica) and ``scale`` (local package, deployed from the YAML that
 ``write_serve_config`` writes, through the Serve application builder; autoscaling 1..2 replicas).
 """
 

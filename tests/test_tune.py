@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import timm
-from conftest import free_port, write_digits_folders
+from conftest import assert_secret_absent, free_port, ray_log_texts, write_digits_folders
 
 from cls_ray.config import IngestConfig, load_config
 from cls_ray.models import save_weights_file
@@ -307,3 +307,8 @@ def test_experiment_on_s3_keeps_state_checkpoints_and_package_there(ray_cluster,
     assert storage.exists(f"{exp}/{trial}/result.json")
     assert read_package_meta(result.best_package_uri)["metrics"]["val_top1"] == pytest.approx(result.best_metric)
     assert result.test_metrics is not None and storage.exists(f"{exp}/best/eval-test/metrics.json")
+    # Credentials come only from the environment: the secret key is in no object of the experiment (Tune state,
+    # trial results, checkpoints, package, evaluation), no file next to it, and no log of the cluster.
+    logs = ray_log_texts(ray_cluster.address)
+    assert len(logs) > 5
+    assert assert_secret_absent(uris=(exp,), dirs=(tmp_path,), texts=logs) > 20

@@ -316,6 +316,7 @@ def tune(data_uri: str, cfg: Config) -> TuneResult:
     base = trial_base_config(cfg, exp)
     ensure_ray()
     _check_state_api()
+    ray_internals.stop_tune_credential_propagation()  # before the trainable's actor class is made
     tuner = build_tuner(data_uri, cfg, space, base)
     _record_config(cfg, exp)
     grid = tuner.fit()
