@@ -182,10 +182,11 @@ def write_fold_datasets(data_uri: str, manifest: dict[str, Any], folds: int, see
     return uris
 
 
-def fold_config(meta: dict[str, Any], overrides: list[str], runs_uri: str, fold: int) -> Config:
+def fold_config(meta: dict[str, Any], overrides: list[str], runs_uri: str, fold: int, folds_id: str = "") -> Config:
     """The audited model's recorded training config for fold ``fold``: Parquet input, ``overrides`` (dotted
-    ``key=value``, checked like ``--set``) applied, the run at ``runs_uri/fold-I-DIGEST`` (DIGEST: of the config, so a
-    changed config trains a new run instead of resuming one trained otherwise)."""
+    ``key=value``, checked like ``--set``) applied, the run at ``runs_uri/fold-I-DIGEST`` (DIGEST: of the config and
+    ``folds_id``, which names the folds, so a changed config or a re-made split trains a new run instead of resuming
+    one trained otherwise)."""
     recorded = meta.get("train_config") or {}
     if not recorded:
         raise CrossValidationError(
@@ -196,7 +197,7 @@ def fold_config(meta: dict[str, Any], overrides: list[str], runs_uri: str, fold:
     except ConfigError as exc:
         raise CrossValidationError(f"audit.fold_overrides: {exc}") from None
     data.setdefault("data", {})["format"] = "parquet"
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps([data, folds_id], sort_keys=True, default=str).encode()).hexdigest()[:8]
     data.setdefault("train", {}).update(
         {"storage_path": runs_uri, "run_name": f"fold-{fold}-{digest}", "package_name": f"{meta['name']}-fold-{fold}"}
     )
@@ -290,7 +291,8 @@ def cross_validate(
     if not manifest["splits"].get("train", {}).get("num_rows"):
         raise CrossValidationError(f"{data_uri} has no images in its train split to cross-validate")
     runs = storage.join(dest, RUNS_DIR)
-    configs = [fold_config(meta, list(overrides or []), runs, i) for i in range(folds)]
+    folds_id = json.dumps(_fold_stamp(data_uri, manifest, folds, seed), sort_keys=True)
+    configs = [fold_config(meta, list(overrides or []), runs, i, folds_id) for i in range(folds)]
     datasets = write_fold_datasets(data_uri, manifest, folds, seed, dest)
     packages = [storage.join(runs, c.train.run_name, PACKAGE_DIR) for c in configs]
     stamps = [manifest_lib.manifest_digest(manifest_lib.read_manifest(u)) for u in datasets]
