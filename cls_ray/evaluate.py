@@ -90,7 +90,12 @@ def compute_metrics(
     return metrics.compute()
 
 
-def _confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
+def confusion_figure(
+    matrix: list[list[int]], classes: list[str], title: str, *, show: str = "counts", colorbar: bool = False
+) -> Any:
+    """A matplotlib figure of a confusion matrix, cells coloured by the share of the true class; with at most 20
+    classes each cell is labelled with its count (``show="counts"``) or that share (``show="rates"``), with at most
+    40 the axes name the classes. ``cls-ray evaluate`` and the report draw theirs with it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,30 +103,32 @@ def _confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> b
 
     cm = np.asarray(matrix, dtype=np.float64)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    labels, fmt = (cm, "{:.0f}") if show == "counts" else (rates, "{:.2f}")
     n = len(classes)
     side = min(4 + 0.45 * n, 24)
     fig, ax = plt.subplots(figsize=(side, side))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if colorbar:
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     if n <= 40:
         ax.set_xticks(range(n), classes, rotation=90)
         ax.set_yticks(range(n), classes)
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    int(cm[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black",
-                )
+                color = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(j, i, fmt.format(labels[i, j]), ha="center", va="center", fontsize=8, color=color)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def _confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(matrix, classes, title, colorbar=True)
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=100)
     plt.close(fig)

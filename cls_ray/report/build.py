@@ -171,35 +171,12 @@ def _curves_png(history: list[dict[str, Any]]) -> str | None:
 
 
 def _confusion_pngs(matrix: list[list[int]], classes: list[str]) -> tuple[str, str]:
-    plt = _plt()
-    cm = np.asarray(matrix, dtype=np.float64)
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    n = len(classes)
-    side = min(3.5 + 0.4 * n, 20)
-    out = []
-    for values, title, fmt in ((cm, "counts", "{:.0f}"), (rates, "share of the true class", "{:.2f}")):
-        fig, ax = plt.subplots(figsize=(side, side))
-        ax.imshow(values if title == "counts" else rates, cmap="Blues")
-        if n <= 40:
-            ax.set_xticks(range(n), classes, rotation=90)
-            ax.set_yticks(range(n), classes)
-        if n <= 20:
-            for i in range(n):
-                for j in range(n):
-                    ax.text(
-                        j,
-                        i,
-                        fmt.format(values[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black",
-                    )
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(title)
-        out.append(_png(fig))
-    return out[0], out[1]
+    from cls_ray.evaluate import confusion_figure
+
+    return (
+        _png(confusion_figure(matrix, classes, "counts", show="counts")),
+        _png(confusion_figure(matrix, classes, "share of the true class", show="rates")),
+    )
 
 
 def _robustness_png(rows: list[dict[str, Any]], clean: float) -> str | None:
