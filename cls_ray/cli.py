@@ -138,6 +138,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_and_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model package (local dir or s3:// URI)")
+    p.add_argument("data", help="dataset written by cls-ray ingest (local dir or s3:// URI)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cls-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="one self-contained HTML page (+ report.json, MODEL_CARD.md) explaining and stress-testing a model",
     )
-    p.add_argument("model", help="model package (local dir or s3:// URI)")
-    p.add_argument("data", help="dataset written by cls-ray ingest (local dir or s3:// URI)")
+    _add_model_and_data_args(p)
     p.add_argument("--split", default="test", help="split to report on (default: test)")
     p.add_argument("--output", help="output folder (default: MODEL/report-SPLIT; local or s3://)")
     p.add_argument(
@@ -192,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("audit", help="likely label errors (cleanlab) from the model's out-of-sample probabilities")
-    p.add_argument("model", help="model package (local dir or s3:// URI)")
-    p.add_argument("data", help="dataset written by cls-ray ingest (local dir or s3:// URI)")
+    _add_model_and_data_args(p)
     p.add_argument("--splits", help="comma-separated splits to audit (default: val,test; audit.splits)")
     p.add_argument(
         "--folds",
