@@ -667,6 +667,12 @@ class ExportConfig:
         _check(self.max_pixels > 0, "export.max_pixels", "must be positive")
 
 
+def _check_scoring(section: Any, name: str) -> None:
+    """The batch-inference settings the report and the audit share (``batch_size``, ``max_replicas``)."""
+    _check(section.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
+    _check(section.max_replicas is None or section.max_replicas >= 1, f"{name}.max_replicas", "must be >= 1 or null")
+
+
 @dataclass
 class ReportConfig:
     """``cls-ray report``: the model report (metrics with intervals, curves, top losses, Grad-CAM, robustness,
@@ -745,8 +751,7 @@ class ReportConfig:
         _check(self.bootstrap_resamples >= 10, "report.bootstrap_resamples", "must be at least 10")
         _check(self.calibration_bins >= 2, "report.calibration_bins", "must be at least 2")
         _check(0 < self.slice_flag_drop < 1, "report.slice_flag_drop", "must be in (0, 1)")
-        _check(self.batch_size >= 1, "report.batch_size", "must be at least 1")
-        _check(self.max_replicas is None or self.max_replicas >= 1, "report.max_replicas", "must be >= 1 or null")
+        _check_scoring(self, "report")
         _check(16 <= self.thumbnail_size <= 512, "report.thumbnail_size", "must be in [16, 512]")
 
 
@@ -792,8 +797,7 @@ class AuditConfig:
         for split in self.splits:
             _check(split in ("train", "val", "test"), "audit.splits", f"unknown split {split!r} (train, val, test)")
         _check(len(set(self.splits)) == len(self.splits), "audit.splits", "names a split twice")
-        _check(self.batch_size >= 1, "audit.batch_size", "must be at least 1")
-        _check(self.max_replicas is None or self.max_replicas >= 1, "audit.max_replicas", "must be >= 1 or null")
+        _check_scoring(self, "audit")
 
 
 PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "report", "export", "predict", "serve")
