@@ -122,12 +122,13 @@ def _s3_filesystem(options_key: str, max_attempts: int | None = None) -> pafs.Fi
     del options_key  # only part of the cache key: the environment the filesystem was built from
     # The SDK reads the checksum variables when a client is built (here, and where Ray unpickles this filesystem).
     s3_compat_env()
-    raw = pafs.S3FileSystem(**_s3_options(max_attempts))
     if max_attempts is not None:
-        return raw
+        return pafs.S3FileSystem(**_s3_options(max_attempts))
     from cls_ray.retrying_fs import retrying_filesystem
 
-    return retrying_filesystem(raw)
+    # Synchronous writes: the wrapper uploads on close, often from one of Arrow's IO threads (copy_files); a
+    # background write would queue on that same pool and, with every IO thread waiting in a close, never run.
+    return retrying_filesystem(pafs.S3FileSystem(**_s3_options(), background_writes=False))
 
 
 def _s3_cache_key() -> str:
