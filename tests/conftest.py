@@ -223,6 +223,33 @@ def ray_log_texts(address: str) -> dict[str, str]:
     return texts
 
 
+def prometheus_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of metric ``name`` in a Prometheus text exposition: ``[(labels, value), ...]``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def ray_metrics_text() -> str:
+    """What every node of the connected Ray cluster serves on its Prometheus endpoint (``/metrics`` on the node's
+    ``MetricsExportPort``), concatenated."""
+    import ray
+    import requests
+
+    texts = []
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            with contextlib.suppress(requests.RequestException):
+                texts.append(requests.get(url, timeout=5).text)
+    return "\n".join(texts)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server (:class:`S3Server`, SeaweedFS) for the session; sets the standard AWS variables so every

@@ -20,7 +20,7 @@ import requests
 import timm
 import torch
 import yaml
-from conftest import PILLOW_IMAGES, free_port, write_digits_folders
+from conftest import PILLOW_IMAGES, free_port, prometheus_samples, ray_metrics_text, write_digits_folders
 
 from cls_ray import storage
 from cls_ray.config import ConfigError, ServeConfig
@@ -504,6 +504,43 @@ def test_health_docs_and_metadata(main_url):
 
 def _pillow_files() -> list[Path]:
     return sorted(p for p in PILLOW_IMAGES.rglob("*") if p.is_file())
+
+
+def test_serving_publishes_ray_metrics_to_the_prometheus_endpoint(main_url, packages):
+    """Responses by route and status, batch sizes and forward-pass latency (``cls_ray.telemetry``) reach the
+    node's Prometheus endpoint, where the dashboard's metrics view reads them."""
+    data = packages["images"][2].read_bytes()
+    for _ in range(3):
+        r = requests.post(
+            f"{main_url}/v1/predict", data=data, headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT
+        )
+        assert r.status_code == 200
+    bad = requests.post(
+        f"{main_url}/v1/predict", data=b"not an image", headers={**KEY, "Content-Type": "image/png"}, timeout=TIMEOUT
+    )
+    assert 400 <= bad.status_code < 500
+
+    def counts(text: str, status: int) -> float:
+        samples = prometheus_samples(text, "ray_cls_ray_serve_requests_total")
+        return sum(
+            v for labels, v in samples if labels.get("route") == "/v1/predict" and labels.get("status") == str(status)
+        )
+
+    deadline = time.monotonic() + 90  # Ray's metrics agent exports every few seconds
+    while True:
+        text = ray_metrics_text()
+        if counts(text, 200) >= 3 and counts(text, bad.status_code) >= 1:
+            break
+        assert time.monotonic() < deadline, "the request counter never reached the Prometheus endpoint"
+        time.sleep(2)
+    batches = sum(v for _, v in prometheus_samples(text, "ray_cls_ray_serve_batch_size_count"))
+    latency_sum = sum(v for _, v in prometheus_samples(text, "ray_cls_ray_serve_model_latency_seconds_sum"))
+    # Ray exports a histogram's sum from its buckets' midpoints: the counts are exact, the sums approximate.
+    every = sum(
+        v for labels, v in prometheus_samples(text, "ray_cls_ray_serve_batch_size_bucket") if labels["le"] == "+Inf"
+    )
+    assert batches >= 1 and every == batches
+    assert 0 < latency_sum / batches < 10  # seconds per forward pass of a tiny model: sane
 
 
 def test_every_pillow_test_image_gets_200_or_4xx(main_url):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ import pytest
 import ray
 import timm
 import torch
-from conftest import FAST_TRAIN, write_digits_folders
+from conftest import FAST_TRAIN, prometheus_samples, ray_metrics_text, write_digits_folders
 from safetensors.torch import load_file
 
 from cls_ray import storage
@@ -73,7 +74,20 @@ def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster,
         "train.eval_every=2",
         "train.keep_checkpoints=1",
     )
-    result = train(digits_dataset, cfg)
+    # Ray application metrics (cls_ray.telemetry) reach the node's Prometheus endpoint while the run trains.
+    with cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(train, digits_dataset, cfg)
+        seen: dict[str, float] = {}
+        while not running.done():
+            text = ray_metrics_text()
+            for name in ("epoch", "images_per_second", "data_wait_fraction", "loss"):
+                for labels, value in prometheus_samples(text, f"ray_cls_ray_train_{name}"):
+                    if labels.get("run") == "ddp" and labels.get("rank") in ("0", "1"):
+                        seen[name] = max(seen.get(name, value), value)
+            time.sleep(1)
+        result = running.result()
+    assert seen.get("epoch", 0) >= 1 and seen.get("images_per_second", 0) > 0 and seen.get("loss", 0) > 0, seen
+    assert 0 <= seen["data_wait_fraction"] <= 1
 
     assert result.metrics["val_top1"] > 0.6  # 10 classes: chance is 0.1
     history = _history(result.run_uri)

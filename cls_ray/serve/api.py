@@ -24,6 +24,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cls_ray import telemetry
 from cls_ray.predict import top_k as top_k_classes
 from cls_ray.serve import kserve, schemas
 from cls_ray.serve.inputs import RequestError, parse_predict_request, read_body, resolve_top_k
@@ -45,10 +46,12 @@ class CatchAllMiddleware:
             await self.app(scope, receive, send)
             return
         started = False
+        status = 500
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, status
+            if message["type"] == "http.response.start":
+                started, status = True, int(message["status"])
             await send(message)
 
         try:
@@ -57,6 +60,9 @@ class CatchAllMiddleware:
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await JSONResponse(INTERNAL_ERROR, status_code=500)(scope, receive, send)
+        finally:
+            # The route template (FastAPI records the matched route in the scope), not the path: bounded tags.
+            telemetry.record_request(getattr(scope.get("route"), "path", "unmatched"), status)
 
 
 def _error_response(status: int, body: dict[str, Any]) -> JSONResponse:

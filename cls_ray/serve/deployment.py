@@ -12,6 +12,7 @@ import collections
 import hmac
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
+from cls_ray import telemetry
 from cls_ray.config import ConfigError, ServeConfig
 from cls_ray.data.images import ImageDecodeError
 from cls_ray.data.transforms import create_image_transform
@@ -75,7 +77,9 @@ class ClassifierModel:
         """One preprocessed uint8 CHW image per call -> its class probabilities; calls are batched."""
         self.batch_sizes[len(images)] += 1
         # The forward pass runs in a thread, so the event loop keeps queueing the next batch meanwhile.
+        started = time.perf_counter()
         probs = await asyncio.to_thread(self.predictor.predict_batch, images)
+        telemetry.record_batch(len(images), time.perf_counter() - started)
         return list(probs)
 
     def stats(self) -> dict[str, Any]:

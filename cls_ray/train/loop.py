@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import random
 import tempfile
 from typing import Any
@@ -20,6 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from cls_ray import telemetry
 from cls_ray.config import Config
 from cls_ray.data.pipeline import iter_eval_batches, iter_train_batches
 from cls_ray.train.history import drop_records_after, write_record
@@ -163,6 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Before the checkpoint: a process lost in between resumes from the previous one, which drops this record.
             end_epoch(spec.run_uri, progress, metrics, evaluation)
         _report(w, progress, metrics, evaluation, rank=rank)
+        telemetry.record_epoch(posixpath.basename(spec.run_uri.rstrip("/")), rank, metrics)
         if rank == 0:
             logger.info(format_progress(metrics, cfg.train.epochs))
         if stop:
