@@ -406,8 +406,10 @@ def test_server_killed_during_training_retries_then_fails_clearly_and_a_rerun_re
             faulty_s3.start()
     text = log.read_text()
     assert proc.returncode != 0, text[-3000:]
-    assert "cls-ray train: error" in text and "s3://train-faults/runs" in text, text[-3000:]
-    assert "Traceback" not in text.split("cls-ray train: error", 1)[1]  # one clear line, not a stack
+    # One clear line (Ray's own echo of the worker logs may still arrive around it: issue 25's quiet console).
+    error = next((line for line in text.splitlines() if line.startswith("cls-ray train: error")), None)
+    assert error is not None, text[-3000:]
+    assert "training run s3://train-faults/runs/faulty failed" in error and "resumes it" in error, error
     registered = _snapshot_epochs(faulty_s3, "train-faults", "runs/faulty")
     assert registered and registered[-1] >= after_outage
     before = [r["epoch"] for r in read_history(run_uri)]
