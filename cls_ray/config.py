@@ -416,9 +416,14 @@ class TrainConfig:
     max_failures: int = 2
     """Worker-group restarts allowed after a failure (each resumes from the latest checkpoint)."""
     seed: int = 0
+    tracking: list[Literal["mlflow", "tensorboard"]] = field(default_factory=list)
+    """Experiment tracking of the run: ``mlflow`` (one MLflow run per training run: params, per-epoch metrics, tags
+    naming dataset and config digest, the model package as artefacts; server and experiment in ``tracking``) and
+    ``tensorboard`` (event files under ``RUN/tensorboard``). Tune trials are tracked by ``tune.tracking``."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be at least 1")
+        _check(len(set(self.tracking)) == len(self.tracking), "train.tracking", "names a tracker twice")
         _check(self.num_workers >= 1, "train.num_workers", "must be at least 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
         for name, amount in self.worker_resources.items():
@@ -475,9 +480,14 @@ class TuneConfig:
     their last checkpoint); false refuses to touch an existing experiment."""
     resume_errored: bool = False
     """On resume, also re-run errored trials from their last checkpoint (false keeps them recorded as errored)."""
+    tracking: list[Literal["mlflow", "tensorboard"]] = field(default_factory=list)
+    """Experiment tracking of the search: ``mlflow`` logs every trial as an MLflow run (Ray's
+    ``MLflowLoggerCallback``: its config, per-epoch results) and the promoted package to the best trial's run;
+    ``tensorboard``: every trial writes TensorBoard events in its directory (always on)."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", "must be at least 1")
+        _check(len(set(self.tracking)) == len(self.tracking), "tune.tracking", "names a tracker twice")
         _check(
             self.startup_trials is None or self.startup_trials >= 1, "tune.startup_trials", "must be at least 1 or null"
         )
@@ -804,6 +814,28 @@ PIPELINE_STAGES = ("ingest", "tune", "train", "evaluate", "report", "export", "p
 
 
 @dataclass
+class TrackingConfig:
+    """Where ``train.tracking`` / ``tune.tracking`` send runs. Credentials come from MLflow's own environment
+    variables (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``) on the
+    machine that starts the run; they reach the workers with the run, never through a file or a log."""
+
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (``http://host:5000``, ``databricks``, ``sqlite:///file.db``, a folder); None:
+    ``MLFLOW_TRACKING_URI``, else MLflow's default."""
+    experiment: str | None = None
+    """MLflow experiment the runs go to (created when missing); None: ``MLFLOW_EXPERIMENT_NAME``, else ``cls-ray``."""
+    log_package: bool = True
+    """Log the model package a run ends with (weights, model.json) as artefacts of its MLflow run."""
+    timeout_s: float = 10.0
+    """Each tracking request's time limit. A server that does not answer is reported once and the run goes on
+    untracked: tracking never stops training."""
+
+    def __post_init__(self) -> None:
+        _check(self.experiment != "", "tracking.experiment", "must be a non-empty name or null")
+        _check(self.timeout_s > 0, "tracking.timeout_s", "must be positive")
+
+
+@dataclass
 class PipelineConfig:
     """Which stages ``cls-ray pipeline`` runs, in chain order."""
 
@@ -849,6 +881,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     source: str | None = None
     """Pipeline input: class folders (local or s3://)."""

@@ -273,6 +273,90 @@ def s3_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
+class MLflowServer:
+    """A real MLflow tracking server (``mlflow server``: SQLite backend, local artefact store served over HTTP) on
+    127.0.0.1; :meth:`api` calls its REST API."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120) -> None:
+        import requests
+
+        mlflow = Path(sys.executable).with_name("mlflow")
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen(
+            [
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not answer within {timeout_s:.0f} s")
+
+    def api(self, method: str, endpoint: str, **kwargs) -> dict:
+        import requests
+
+        response = requests.request(method, f"{self.uri}/api/2.0/mlflow/{endpoint}", timeout=30, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def runs(self, experiment: str) -> list[dict]:
+        """Every run of the named experiment (the REST API's ``runs/search``)."""
+        found = self.api("GET", "experiments/get-by-name", params={"experiment_name": experiment})
+        ids = [found["experiment"]["experiment_id"]]
+        return self.api("POST", "runs/search", json={"experiment_ids": ids, "max_results": 1000}).get("runs", [])
+
+    def metric_history(self, run_id: str, key: str) -> list[dict]:
+        return self.api("GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})["metrics"]
+
+    def artifacts(self, run_id: str, path: str = "") -> list[str]:
+        listed = self.api("GET", "artifacts/list", params={"run_id": run_id, "path": path})
+        return [f["path"] for f in listed.get("files", [])]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow tracking server for the session."""
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture()
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket; yields ``s3://NAME``."""

@@ -51,6 +51,10 @@ def test_unknown_key_names_key_and_file(tmp_path):
         ("ingest:\n  overwrite: 1\n", r"ingest\.overwrite \(in {path}\): expected true or false"),
         ("ingest:\n  val_fraction: [1]\n", r"ingest\.val_fraction \(in {path}\): expected a number"),
         ("train:\n  amp: fp8\n", r"train\.amp \(in {path}\): 'fp8' is not one of"),
+        ("train:\n  tracking: [wandb]\n", r"train\.tracking\[0\] \(in {path}\): 'wandb' is not one of"),
+        ("tune:\n  tracking: mlflow\n", r"tune\.tracking \(in {path}\): expected a list"),
+        ("train:\n  tracking: [mlflow, mlflow]\n", r"train\.tracking: names a tracker twice \(in {path}\)"),
+        ("tracking:\n  timeout_s: 0\n", r"tracking\.timeout_s: must be positive \(in {path}\)"),
         ("ingest: 3\n", r"ingest \(in {path}\): expected a mapping of IngestConfig fields"),
         (
             "ingest:\n  val_fraction: 0.6\n  test_fraction: 0.5\n",

@@ -20,7 +20,15 @@ import pytest
 import ray
 import timm
 import torch
-from conftest import FAST_TRAIN, prometheus_samples, ray_metrics_text, write_digits_folders
+from conftest import (
+    FAST_TRAIN,
+    S3_SECRET_KEY,
+    assert_secret_absent,
+    free_port,
+    prometheus_samples,
+    ray_metrics_text,
+    write_digits_folders,
+)
 from safetensors.torch import load_file
 
 from cls_ray import storage
@@ -65,7 +73,12 @@ def _history(run_uri: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster, digits_dataset, tmp_path):
+def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(
+    ray_cluster, digits_dataset, mlflow_server, tmp_path, monkeypatch
+):
+    # MLflow credentials (this server ignores them) travel to rank 0 with the run, and into no file of it.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "cls-ray-test")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", S3_SECRET_KEY)
     cfg = _config(
         tmp_path,
         "train.run_name=ddp",
@@ -73,6 +86,9 @@ def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster,
         "train.num_workers=2",
         "train.eval_every=2",
         "train.keep_checkpoints=1",
+        "train.tracking=[mlflow,tensorboard]",
+        f"tracking.mlflow_uri={mlflow_server.uri}",
+        "tracking.experiment=train-ddp",
     )
     # Ray application metrics (cls_ray.telemetry) reach the node's Prometheus endpoint while the run trains.
     with cf.ThreadPoolExecutor(1) as pool:
@@ -126,11 +142,45 @@ def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(ray_cluster,
         p.name for p in out.iterdir()
     }
 
+    # MLflow (a real tracking server, read through its REST API): one finished run with the config as params, tags
+    # naming the dataset, every epoch's metrics, the package as artefacts.
+    (run_record,) = mlflow_server.runs("train-ddp")
+    info, data = run_record["info"], run_record["data"]
+    assert info["run_name"] == "ddp" and info["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in data["params"]}
+    assert params["model.name"] == "resnet10t" and params["train.num_workers"] == "2" and len(params) > 100
+    tags = {t["key"]: t["value"] for t in data["tags"]}
+    assert tags["cls_ray.dataset"] == digits_dataset and tags["cls_ray.run_uri"] == result.run_uri
+    assert tags["cls_ray.dataset_digest"] == meta["dataset"]["manifest_digest"]
+    losses = mlflow_server.metric_history(info["run_id"], "train_loss")
+    assert [(m["step"], m["value"]) for m in losses] == [(r["epoch"], pytest.approx(r["train_loss"])) for r in history]
+    top1 = mlflow_server.metric_history(info["run_id"], "val_top1")
+    assert top1[-1]["step"] == 4 and top1[-1]["value"] == pytest.approx(result.metrics["val_top1"])
+    assert {"package/model.json", "package/model.safetensors"} <= set(
+        mlflow_server.artifacts(info["run_id"], "package")
+    )
+    # A report of the package goes to the same run (the report calls this with its folder).
+    from cls_ray.tracking import log_report
 
-def test_pretrained_file_with_frozen_backbone(ray_cluster, digits_dataset, tmp_path):
+    log_report(meta, str(out))
+    assert "eval/metrics.json" in mlflow_server.artifacts(info["run_id"], "eval")
+    assert assert_secret_absent(dirs=(tmp_path, mlflow_server.root)) > 20
+    # TensorBoard: TensorBoard's own event reader finds every epoch's scalars under RUN/tensorboard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "img_per_s", "data_wait_frac", "val_top1"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [
+        (r["epoch"], pytest.approx(r["train_loss"])) for r in history
+    ]
+
+
+def test_pretrained_file_with_frozen_backbone(ray_cluster, digits_dataset, tmp_path, caplog):
     source = timm.create_model("resnet10t", num_classes=3)
     weights = str(tmp_path / "pretrained.safetensors")
     save_weights_file(source, weights)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a tracking server that is down
     cfg = _config(
         tmp_path,
         "train.run_name=frozen",
@@ -138,8 +188,16 @@ def test_pretrained_file_with_frozen_backbone(ray_cluster, digits_dataset, tmp_p
         "train.num_workers=1",
         f"model.pretrained={weights}",
         "model.mode=frozen",
+        "train.tracking=[mlflow,tensorboard]",
+        f"tracking.mlflow_uri={down}",
+        "tracking.timeout_s=2",
     )
-    result = train(digits_dataset, cfg)
+    with caplog.at_level("WARNING", logger="cls_ray.tracking"):
+        result = train(digits_dataset, cfg)
+    # The run goes on untracked in MLflow, said once; TensorBoard still gets its events.
+    said = [r.getMessage() for r in caplog.records if r.name == "cls_ray.tracking"]
+    assert len(said) == 1 and down in said[0] and "not tracked" in said[0], said
+    assert list((Path(result.run_uri) / "tensorboard").glob("events.out.tfevents.*.epoch000001"))
 
     packaged = load_file(str(Path(result.package_uri) / "model.safetensors"))
     original = load_file(weights)

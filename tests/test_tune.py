@@ -111,7 +111,7 @@ def _history_files(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.timeout(1800)  # hang guard: on a heavily shared 2-core machine this takes over 10 minutes
-def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dataset, tmp_path):
+def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dataset, mlflow_server, tmp_path):
     from cls_ray.evaluate import evaluate
 
     space = tmp_path / "two_archs.yaml"
@@ -130,6 +130,9 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
             "tune.seed=1",
             "train.num_workers=2",
             "train.cpus_per_worker=0.5",  # 2 DDP workers per trial + 1 CPU for decoding
+            "tune.tracking=[mlflow]",
+            f"tracking.mlflow_uri={mlflow_server.uri}",
+            "tracking.experiment=search",
         ],
     )
     result = tune(digits_dataset, cfg)
@@ -170,6 +173,22 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["best_trial"] == best["trial"] and summary["best_package"] == result.best_package_uri
     assert (exp / "leaderboard.csv").read_text().splitlines()[0].startswith('"rank","trial","status","val_top1"')
+    # MLflow (Ray Tune's MLflowLoggerCallback, read back through the server's REST API): a finished run per trial
+    # with its sampled config and a metric point per epoch it ran; the promoted package in the best trial's run.
+    runs = {
+        tags["trial_name"]: run
+        for run in mlflow_server.runs("search")
+        for tags in [{t["key"]: t["value"] for t in run["data"]["tags"]}]
+    }
+    assert set(runs) == {row["trial"] for row in board}
+    for row in board:
+        info, data = runs[row["trial"]]["info"], runs[row["trial"]]["data"]
+        assert info["status"] == "FINISHED"
+        assert {p["key"]: p["value"] for p in data["params"]}["model.name"] == row["model.name"]
+        points = mlflow_server.metric_history(info["run_id"], "val_top1")
+        assert [int(m["step"]) for m in points] == list(range(1, row["epochs"] + 1))
+    package_files = mlflow_server.artifacts(runs[best["trial"]]["info"]["run_id"], "package")
+    assert {"package/model.json", "package/model.safetensors"} <= set(package_files)
     # Every trial's Train run is on the dashboard's Train page, named after its trial.
     # With token authentication on (Ray 2.60's default once a token exists), the dashboard wants this driver's token.
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled

@@ -584,6 +584,9 @@ def build_report(
         )
     storage.write_json(storage.join(output_dir, REPORT_JSON), _json_ready(report))
     logger.info("wrote the report of %s on %s/%s to %s", model_uri, data_uri, split, output_dir)
+    from cls_ray.tracking import log_report
+
+    log_report(meta, output_dir)  # to the training run's MLflow run, when it was tracked
     return {
         **report,
         "output_dir": output_dir,

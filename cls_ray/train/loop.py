@@ -24,6 +24,7 @@ import torch.distributed as dist
 from cls_ray import telemetry
 from cls_ray.config import Config
 from cls_ray.data.pipeline import iter_eval_batches, iter_train_batches
+from cls_ray.tracking import EpochTracker
 from cls_ray.train.history import drop_records_after, write_record
 from cls_ray.train.spec import RunSpec
 from cls_ray.train.state import Progress, capture_rng_state, load_train_state, save_train_state
@@ -97,17 +98,21 @@ def _setup_logging() -> None:
         pkg.setLevel(logging.INFO)
 
 
-def _resume(w: Worker, spec: RunSpec, rank: int, world: int) -> Progress:
+def _resume(w: Worker, spec: RunSpec, rank: int, world: int, tracker: EpochTracker | None) -> Progress:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         if rank == 0:
             drop_records_after(spec.run_uri, 0)  # a fresh start of a run whose attempt died before any checkpoint
+            if tracker is not None:
+                tracker.drop_after(0)
         return Progress()
     with checkpoint.as_directory() as directory:
         progress = load_train_state(directory, w.objs, rank, world)
     progress.resumed_from = progress.epoch
     if rank == 0:
         dropped = drop_records_after(spec.run_uri, progress.epoch)
+        if tracker is not None:
+            tracker.drop_after(progress.epoch)
         logger.info(
             "resumed from %s after epoch %d%s",
             os.path.basename(checkpoint.path),
@@ -146,7 +151,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed(cfg.train.seed, rank)
     device = ray.train.torch.get_device()
     w = build_worker(cfg, spec, device, wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False))
-    progress = _resume(w, spec, rank, world)
+    # Rank 0 tracks the run (train.tracking): MLflow through Ray's setup_mlflow, TensorBoard event files.
+    tracker = EpochTracker(cfg.train.tracking, spec.run_uri, spec.mlflow) if rank == 0 and cfg.train.tracking else None
+    progress = _resume(w, spec, rank, world, tracker)
     train_batches = _train_batches(cfg, spec, world, device)
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
@@ -164,6 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             # Before the checkpoint: a process lost in between resumes from the previous one, which drops this record.
             end_epoch(spec.run_uri, progress, metrics, evaluation)
+            if tracker is not None:
+                tracker.log_epoch(epoch, metrics)
         _report(w, progress, metrics, evaluation, rank=rank)
         telemetry.record_epoch(posixpath.basename(spec.run_uri.rstrip("/")), rank, metrics)
         if rank == 0:

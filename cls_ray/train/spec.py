@@ -27,3 +27,6 @@ class RunSpec:
     """``data.format=ffcv``: the train split's .beton, which every worker reads itself."""
     dataset_digest: str = ""
     """The manifest's digest (keys the per-node copy of a .beton on S3)."""
+    mlflow: dict[str, Any] | None = None
+    """``train.tracking`` names mlflow and the server answered: the MLflow run rank 0 logs to
+    (:func:`cls_ray.tracking.start_mlflow_run`)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import ray.train
 import timm
 from ray.train.torch import TorchTrainer
 
-from cls_ray import storage
+from cls_ray import storage, tracking
 from cls_ray.config import Config, ConfigError, RunFailed, to_dict, with_absolute_paths, write_resolved
 from cls_ray.data import manifest as manifest_lib
 from cls_ray.data.pipeline import SharedSplit, build_eval_dataset, build_train_dataset
@@ -200,8 +200,10 @@ def build_trainer(
     run_name: str,
     callbacks: list | None = None,
     shared: Mapping[str, SharedSplit] | None = None,
+    on_validated: Callable[[RunSpec], None] | None = None,
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` for one run at ``{storage_path}/{run_name}``; validates everything first.
+    """A ``TorchTrainer`` for one run at ``{storage_path}/{run_name}``; validates everything first, then calls
+    ``on_validated`` with the workers' spec (which it may complete).
 
     Every worker reports once per epoch (keys in :data:`REPORT_METRICS`, the latest validation metrics carried
     along); evaluation epochs carry a checkpoint, kept best-``train.keep_checkpoints`` by ``train.metric``.
@@ -210,6 +212,8 @@ def build_trainer(
     storage.check_bucket(storage_path)
     manifest, spec = validate_run(data_uri, cfg)
     spec.run_uri = storage.join(storage_path, run_name)
+    if on_validated is not None:
+        on_validated(spec)
     filesystem, path = storage.resolve(storage_path)
     max_pixels = cfg.ingest.max_pixels
     datasets = {
@@ -328,17 +332,33 @@ def train(data_uri: str, cfg: Config) -> TrainResult:
     run_uri = storage.join(cfg.train.storage_path, cfg.train.run_name)
     storage.check_bucket(cfg.train.storage_path)  # endpoint, credentials, bucket: before any work
     _check_resume_compatible(run_uri, cfg)
-    trainer = build_trainer(data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name)
+    mlflow: dict[str, Any] = {}
+
+    def start_tracking(spec: RunSpec) -> None:
+        if "mlflow" in cfg.train.tracking:
+            spec.mlflow = mlflow["target"] = tracking.start_mlflow_run(cfg, run_uri, data_uri, spec.dataset_digest)
+
+    trainer = build_trainer(
+        data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name, on_validated=start_tracking
+    )
+    target = mlflow.get("target")
     write_resolved(cfg, run_uri)
     logger.info("training %s on %s with %d worker(s); run %s", cfg.model.name, data_uri, cfg.train.num_workers, run_uri)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        tracking.end_mlflow_run(target, "FAILED")
         raise RunFailed(
             f"training run {run_uri} failed: {failure_reason(exc, run_uri)}; the same command resumes it from its "
             f"last complete checkpoint"
         ) from exc
+    except BaseException:  # interrupted: the re-run continues the same MLflow run
+        tracking.end_mlflow_run(target, "KILLED")
+        raise
     package_uri = export_package(result, data_uri, cfg, storage.join(run_uri, PACKAGE_DIR))
+    if cfg.tracking.log_package:
+        tracking.log_artifacts(target, package_uri, PACKAGE_DIR)
+    tracking.end_mlflow_run(target, "FINISHED")
     best = _best_checkpoint(result, cfg)
     with best.as_directory() as directory:
         progress = read_progress(directory)

@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from ray import tune as ray_tune
 
-from cls_ray import ray_internals, storage
+from cls_ray import ray_internals, storage, tracking
 from cls_ray.config import Config, dump_yaml, with_absolute_paths, write_resolved
 from cls_ray.tune.leaderboard import Leaderboard, build_leaderboard, print_leaderboard, write_leaderboard
 from cls_ray.tune.space import ARCH_PARAM, SearchSpace, load_search_space, trial_config
@@ -89,7 +89,9 @@ def trial_name(trial: Any) -> str:
 def trial_base_config(cfg: Config, exp_uri: str) -> Config:
     """The config every trial starts from: the user's, with epochs set by the search and runs in the experiment."""
     runs = storage.join(exp_uri, RUNS_DIR)
-    return trial_config(cfg, {"train.epochs": cfg.tune.max_epochs, "train.storage_path": runs}, "tune")
+    # Trials are tracked by tune.tracking (one MLflow run per trial, TensorBoard events in each trial's directory).
+    values = {"train.epochs": cfg.tune.max_epochs, "train.storage_path": runs, "train.tracking": []}
+    return trial_config(cfg, values, "tune")
 
 
 def run_trial(config: dict[str, Any], data_uri: str, base: Config, shared: dict[str, Any] | None = None) -> None:
@@ -262,7 +264,7 @@ def build_tuner(data_uri: str, cfg: Config, space: SearchSpace, base: Config) ->
         name=cfg.tune.experiment_name,
         storage_path=root_path,
         storage_filesystem=fs,
-        callbacks=[TBXLoggerCallback()],
+        callbacks=[TBXLoggerCallback(), *tracking.tune_callbacks(cfg, exp)],
         failure_config=ray_tune.FailureConfig(max_failures=0),
     )
     return ray_tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
@@ -341,6 +343,7 @@ def promote_best(board: Leaderboard, data_uri: str, base: Config, exp: str, lead
     package_uri = storage.join(exp, BEST_DIR)
     export_package(load_run_result(run_uri), data_uri, cfg, package_uri)
     logger.info("promoted %s (%s %.4f) to %s", best.trial, board.metric, best.best_metric, package_uri)
+    tracking.log_promoted_package(base, exp, best.trial, package_uri)
     test_metrics = None
     if base.tune.evaluate_test:
         from cls_ray.evaluate import evaluate
