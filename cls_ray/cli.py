@@ -145,7 +145,12 @@ def _add_model_and_data_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cls-ray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show everything: Ray's own log lines, worker output, deprecation warnings, debug logging",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="validate class folders and write Parquet shards + manifest.json")
@@ -273,13 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     from cls_ray.storage import s3_compat_env
 
     s3_compat_env()  # before any S3 client or Ray process starts, so every one of them inherits the choice
+    from cls_ray.progress import console
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        return args.func(args)
+        with console(args.verbose):  # cls-ray's own lines only, unless -v
+            return args.func(args)
     except ConfigError as exc:
         print(f"cls-ray {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -516,7 +516,8 @@ def _score_parts(
     result, in all, and the images/s after the first result)."""
     import pyarrow as pa
     import ray
-    from tqdm import tqdm
+
+    from cls_ray.progress import bar as progress_bar
 
     names = [name for name, part in todo.items() for _ in part]
     paths = [uri for part in todo.values() for uri in part]
@@ -539,7 +540,7 @@ def _score_parts(
     pending: dict[str, list] = {name: [] for name in todo}
     counts = dict.fromkeys(todo, 0)
     start, first = time.perf_counter(), None
-    with tqdm(total=len(paths), desc="predict", unit="img", mininterval=2.0) as bar:
+    with progress_bar(len(paths), "predict") as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             first = first or (time.perf_counter(), batch.num_rows)
             for name in set(batch["part"].to_pylist()):

@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 
 from cls_ray import ray_internals, storage
+from cls_ray.progress import forward_worker_output, ray_logging_level
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,18 @@ def ensure_ray(*, existing_cluster: bool = False) -> None:
     # the variables cls-ray chose through this job's runtime env (Ray Data tasks, train workers, trials, replicas).
     compat = storage.s3_compat_env()
     runtime_env = {"env_vars": compat} if compat else None
+    # The CLI's quiet console (cls_ray.progress): worker and actor output stays in Ray's log files unless -v.
+    options = {
+        "runtime_env": runtime_env,
+        "log_to_driver": forward_worker_output(),
+        "logging_level": ray_logging_level(),
+    }
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
+        ray.init(**options)
         return
     path, address = recorded_address()
     if address is not None and answers(address):
-        ray.init(address="auto" if existing_cluster else None, runtime_env=runtime_env)
+        ray.init(address="auto" if existing_cluster else None, **options)
         return
     if address is not None:
         logger.warning(
@@ -70,4 +77,4 @@ def ensure_ray(*, existing_cluster: bool = False) -> None:
     if existing_cluster:
         stale = f" ({path} names {address}, where nothing answers)" if address else ""
         raise ConnectionError(f"no running Ray cluster to connect to{stale}")
-    ray.init(address="local")
+    ray.init(address="local", log_to_driver=forward_worker_output(), logging_level=ray_logging_level())

@@ -179,7 +179,7 @@ def _clear_dest(dest: str) -> None:
 
 
 def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[Item], dict[str, dict], list[dict]]:
-    from tqdm import tqdm
+    from cls_ray.progress import bar as progress_bar
 
     opts = EncodeOptions(cfg.max_pixels, cfg.max_side, cfg.jpeg_quality, phash=cfg.near_duplicates != "off")
     workers = cfg.num_workers or os.cpu_count() or 1
@@ -189,7 +189,7 @@ def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[
     skipped: list[dict] = list(scan.skipped)
     uris = [f.uri for f in scan.files]
     logger.info("validating %d files with %d worker processes", len(uris), workers)
-    with tqdm(total=len(uris), desc="validating", unit="img", disable=None) as bar:
+    with progress_bar(len(uris), "validating") as bar:
         try:
             for i, result in validate_files(uris, opts, workers, cfg.file_timeout_s):
                 bar.update(1)

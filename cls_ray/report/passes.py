@@ -164,9 +164,9 @@ def run_passes(
 ) -> SplitResults:
     """Score ``split`` under every pass of ``passes`` on Ray Data (see the module docstring)."""
     import ray
-    from tqdm import tqdm
 
     from cls_ray.package import read_package_meta
+    from cls_ray.progress import bar as progress_bar
 
     meta = read_package_meta(model_uri)
     uris = manifest_lib.split_shard_uris(data_uri, manifest, split)
@@ -206,7 +206,7 @@ def run_passes(
     clean_logits: dict[str, list[float]] = {}
     labels: dict[str, int] = {}
     preds: dict[str, dict[str, int]] = {pass_name(*p): {} for p in corrupted}
-    with tqdm(total=total, desc=desc, unit="img", mininterval=2.0) as bar:
+    with progress_bar(total, desc) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             cols = batch.to_pydict()
             for path, name, label, pred, logit in zip(

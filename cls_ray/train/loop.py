@@ -24,6 +24,7 @@ import torch.distributed as dist
 from cls_ray import telemetry
 from cls_ray.config import Config
 from cls_ray.data.pipeline import iter_eval_batches, iter_train_batches
+from cls_ray.progress import StepReporter
 from cls_ray.tracking import EpochTracker
 from cls_ray.train.history import drop_records_after, write_record
 from cls_ray.train.spec import RunSpec
@@ -96,6 +97,7 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)
+        pkg.propagate = False  # Ray's handler on the worker's root logger would print every line a second time
 
 
 def _resume(w: Worker, spec: RunSpec, rank: int, world: int, tracker: EpochTracker | None) -> Progress:
@@ -157,7 +159,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_batches = _train_batches(cfg, spec, world, device)
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
-        metrics = {"epoch": epoch, **train_one_epoch(w, train_batches(epoch), progress)}
+        on_step = None
+        if rank == 0 and spec.progress is not None:
+            on_step = StepReporter(spec.progress, epoch, cfg.train.epochs, spec.batches_per_epoch)
+        metrics = {"epoch": epoch, **train_one_epoch(w, train_batches(epoch), progress, on_step)}
         w.objs.scheduler.step(epoch)
         evaluation: dict[str, Any] | None = None
         stop = False
@@ -175,7 +180,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracker.log_epoch(epoch, metrics)
         _report(w, progress, metrics, evaluation, rank=rank)
         telemetry.record_epoch(posixpath.basename(spec.run_uri.rstrip("/")), rank, metrics)
-        if rank == 0:
+        if rank == 0 and spec.progress is not None:
+            spec.progress.epoch.remote(metrics)  # the driver prints the epoch's line
+        elif rank == 0:
             logger.info(format_progress(metrics, cfg.train.epochs))
         if stop:
             if rank == 0:

@@ -27,6 +27,11 @@ class RunSpec:
     """``data.format=ffcv``: the train split's .beton, which every worker reads itself."""
     dataset_digest: str = ""
     """The manifest's digest (keys the per-node copy of a .beton on S3)."""
+    batches_per_epoch: int = 0
+    """Batches each worker trains on per epoch (the live progress bar's length)."""
+    progress: Any = None
+    """The driver's :class:`cls_ray.progress.ProgressBoard` (an actor handle) rank 0 reports its steps to; None for
+    Tune trials (their progress is Tune's trial table)."""
     mlflow: dict[str, Any] | None = None
     """``train.tracking`` names mlflow and the server answered: the MLflow run rank 0 logs to
     (:func:`cls_ray.tracking.start_mlflow_run`)."""

@@ -139,8 +139,11 @@ def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
     yield current, True
 
 
-def train_one_epoch(w: Worker, batches: Iterable, progress: Progress) -> dict[str, float]:
-    """Train over this rank's shard once; returns loss, throughput and data-wait share summed over all ranks."""
+def train_one_epoch(
+    w: Worker, batches: Iterable, progress: Progress, on_step: Callable[[int, int, float], None] | None = None
+) -> dict[str, float]:
+    """Train over this rank's shard once; returns loss, throughput and data-wait share summed over all ranks.
+    ``on_step(steps, samples, data_wait_s)``, if given, runs after every step (rank 0's live progress)."""
     set_train_mode(w.objs.model)  # frozen modules stay in eval mode (frozen BatchNorm statistics)
     clock = {"wait": 0.0}
     loss_sum = torch.zeros((), device=w.device)
@@ -150,6 +153,8 @@ def train_one_epoch(w: Worker, batches: Iterable, progress: Progress) -> dict[st
         loss = train_step(w, batch, update=last or (i + 1) % w.accum == 0, progress=progress)
         loss_sum += loss * len(batch["label"])
         samples += len(batch["label"])
+        if on_step is not None:
+            on_step(i + 1, samples, clock["wait"])
     elapsed = time.perf_counter() - start
     # On the device: NCCL reduces only CUDA tensors.
     totals = torch.tensor([loss_sum.item(), samples, clock["wait"], elapsed], dtype=torch.float64, device=w.device)

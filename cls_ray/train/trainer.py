@@ -26,9 +26,10 @@ from cls_ray.data.pipeline import SharedSplit, build_eval_dataset, build_train_d
 from cls_ray.metrics import SCALAR_METRICS
 from cls_ray.models import check_architecture, data_config_for, model_kwargs
 from cls_ray.package import package_name, save_model_package
+from cls_ray.progress import ProgressBoard, ProgressPrinter
 from cls_ray.ray_connect import ensure_ray
 from cls_ray.train.history import HISTORY_DIR
-from cls_ray.train.loop import train_loop_per_worker
+from cls_ray.train.loop import format_progress, train_loop_per_worker
 from cls_ray.train.spec import RunSpec
 from cls_ray.train.splits import EvalSplitsExact
 from cls_ray.train.state import read_package_weights, read_progress
@@ -136,7 +137,7 @@ def _check_placement(cfg: Config) -> None:
         )
 
 
-def _updates_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
+def _batches_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
     rows, world = manifest["splits"]["train"]["num_rows"], cfg.train.num_workers
     # Ray Data splits the train split into equal shards (floor); FFCV's DistributedSampler pads every rank to ceil.
     rows = -(-rows // world) if cfg.data.format == "ffcv" and world > 1 else rows // world
@@ -146,7 +147,7 @@ def _updates_per_epoch(manifest: dict[str, Any], cfg: Config) -> int:
             f"data.batch_size: {cfg.data.batch_size} is larger than each worker's share of the train "
             f"split ({rows} rows for each of {cfg.train.num_workers} workers); lower it"
         )
-    return math.ceil(batches / cfg.optim.grad_accum_steps)
+    return batches
 
 
 def _check_splits(data_uri: str, manifest: dict[str, Any]) -> None:
@@ -185,7 +186,8 @@ def validate_run(data_uri: str, cfg: Config) -> tuple[dict[str, Any], RunSpec]:
         class_counts=list(manifest["splits"]["train"]["class_counts"]),
         data_config=data_config_for(cfg.model),
         run_uri="",
-        updates_per_epoch=_updates_per_epoch(manifest, cfg),
+        updates_per_epoch=math.ceil(_batches_per_epoch(manifest, cfg) / cfg.optim.grad_accum_steps),
+        batches_per_epoch=_batches_per_epoch(manifest, cfg),
         train_beton_uri=train_beton,
         dataset_digest=manifest_lib.manifest_digest(manifest),
     )
@@ -332,20 +334,22 @@ def train(data_uri: str, cfg: Config) -> TrainResult:
     run_uri = storage.join(cfg.train.storage_path, cfg.train.run_name)
     storage.check_bucket(cfg.train.storage_path)  # endpoint, credentials, bucket: before any work
     _check_resume_compatible(run_uri, cfg)
-    mlflow: dict[str, Any] = {}
+    started: dict[str, Any] = {}
 
     def start_tracking(spec: RunSpec) -> None:
+        spec.progress = started["board"] = ProgressBoard.remote()  # rank 0's live progress, drawn here
         if "mlflow" in cfg.train.tracking:
-            spec.mlflow = mlflow["target"] = tracking.start_mlflow_run(cfg, run_uri, data_uri, spec.dataset_digest)
+            spec.mlflow = started["mlflow"] = tracking.start_mlflow_run(cfg, run_uri, data_uri, spec.dataset_digest)
 
     trainer = build_trainer(
         data_uri, cfg, storage_path=cfg.train.storage_path, run_name=cfg.train.run_name, on_validated=start_tracking
     )
-    target = mlflow.get("target")
+    target = started.get("mlflow")
     write_resolved(cfg, run_uri)
     logger.info("training %s on %s with %d worker(s); run %s", cfg.model.name, data_uri, cfg.train.num_workers, run_uri)
     try:
-        result = trainer.fit()
+        with ProgressPrinter(started["board"], cfg.train.epochs, lambda m: format_progress(m, cfg.train.epochs)):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         tracking.end_mlflow_run(target, "FAILED")
         raise RunFailed(
