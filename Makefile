@@ -4,6 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The MLflow tracking server the tests start lives in its own virtualenv (tests/mlflow-server-constraints.txt says why).
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 APT_PACKAGES := dataset-fashion-mnist chromium libopencv-dev libturbojpeg0-dev pkg-config
 # GPU tests need a CUDA device; `make test-gpu` runs them on a machine that has one. The slowest tests are listed
 # at the end (CI budget: keep the whole run well under 30 minutes).
@@ -27,10 +30,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev,ffcv]'
 	@touch $(STAMP)
 
+$(MLFLOW_STAMP): tests/mlflow-server-constraints.txt
+	@[ -x $(MLFLOW_VENV)/bin/python ] || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLFLOW_VENV)/bin/python -m pip install -q -c tests/mlflow-server-constraints.txt mlflow
+	@touch $(MLFLOW_STAMP)
+
 demo: setup
 	$(VENV)/bin/cls-ray demo --workdir demo_output
 
-test: setup
+test: setup $(MLFLOW_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-gpu: setup

@@ -83,10 +83,14 @@ def compute_metrics(
     channels_last = package.meta.get("train_config", {}).get("model", {}).get("channels_last", False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     package.model.to(memory_format=memory_format)
-    for batch in _decoded(decode, _row_batches(data_uri, manifest, split, batch_size)):
-        images = as_nchw(torch.from_numpy(batch["image"]).to(device))
-        logits = package.model(normalize(images, mean, std).contiguous(memory_format=memory_format))
-        metrics.update(logits, torch.tensor(batch["label"], device=device))
+    from cls_ray.progress import bar
+
+    with bar(int(manifest["splits"].get(split, {}).get("num_rows", 0)), f"evaluate {split}") as progress:
+        for batch in _decoded(decode, _row_batches(data_uri, manifest, split, batch_size)):
+            images = as_nchw(torch.from_numpy(batch["image"]).to(device))
+            logits = package.model(normalize(images, mean, std).contiguous(memory_format=memory_format))
+            metrics.update(logits, torch.tensor(batch["label"], device=device))
+            progress.update(len(batch["label"]))
     return metrics.compute()
 
 

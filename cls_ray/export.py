@@ -235,12 +235,21 @@ def make_export(package: ModelPackage, fmt: str, precision: str, data: bytes) ->
 # The parity check
 
 
-def probabilities(predict: Callable[[list[np.ndarray]], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
+def probabilities(
+    predict: Callable[[list[np.ndarray]], np.ndarray], images: np.ndarray, batch_size: int, desc: str = "parity"
+) -> np.ndarray:
     """Class probabilities of every image: the first alone, then ``batch_size`` at a time (so a batch of one and a
-    full batch, and usually a remainder, are all checked)."""
+    full batch, and usually a remainder, are all checked); a progress bar named ``desc`` counts the images."""
+    from cls_ray.progress import bar
+
     starts = [0, *range(1, len(images), batch_size)] if len(images) > 1 else [0]
     ends = [*starts[1:], len(images)]
-    return np.concatenate([predict(list(images[s:e])) for s, e in zip(starts, ends, strict=True)])
+    out = []
+    with bar(len(images), desc) as progress:
+        for s, e in zip(starts, ends, strict=True):
+            out.append(predict(list(images[s:e])))
+            progress.update(e - s)
+    return np.concatenate(out)
 
 
 def parity_figures(reference: np.ndarray, exported: np.ndarray, images: ParityImages) -> dict[str, Any]:
@@ -291,7 +300,10 @@ def check_parity(
     Raises:
         ExportError: the export is not within the tolerance of its precision; the message holds the figures.
     """
-    figures = parity_figures(reference, probabilities(export.predict, images.images, cfg.batch_size), images)
+    exported = probabilities(
+        export.predict, images.images, cfg.batch_size, f"parity {export.format} {export.precision}"
+    )
+    figures = parity_figures(reference, exported, images)
     if export.precision == "fp32" and not figures["max_abs_diff"] <= cfg.fp32_max_abs_diff:  # NaN fails too
         raise ExportError(
             f"{export.file} failed the parity check and was not recorded: {describe_figures(figures)}; "
@@ -415,7 +427,7 @@ def export_package(
         raise ExportError("--int8 quantises the ONNX export: use it with --format onnx")
     package = load_model_package(model_uri, device="cpu")
     images = load_parity_images(package, calibration_data, cfg.max_images, cfg.max_pixels)
-    reference = probabilities(Predictor(package).predict_batch, images.images, cfg.batch_size)
+    reference = probabilities(Predictor(package).predict_batch, images.images, cfg.batch_size, "parity torch")
     data = export_onnx(package, cfg.opset) if format == "onnx" else export_torchscript(package)
     exports = [make_export(package, format, "fp32", data)]
     if int8:

@@ -35,6 +35,8 @@ SEND_INTERVAL_S = 1.0
 
 _verbose = True  # library use (tests, notebooks) keeps Ray's output; the CLI chooses
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+#: Loggers the quiet console raises: Ray's driver side, and faiss's loader (INFO lines at import).
+QUIETED = {"ray": logging.ERROR, "faiss": logging.WARNING}
 
 
 @contextlib.contextmanager
@@ -42,12 +44,13 @@ def console(verbose: bool) -> Iterator[None]:
     """What the console shows while a CLI command runs (see the module docstring); entered before Ray starts.
     Everything it changes is put back on exit (a command run in-process, as tests do, leaves no trace)."""
     global _verbose
-    saved_verbose, ray_logger = _verbose, logging.getLogger("ray")
-    saved_level, saved_env = ray_logger.level, os.environ.get(RAY_DATA_LOGGING_ENV)
+    saved_verbose, quieted = _verbose, {name: logging.getLogger(name) for name in QUIETED}
+    saved_levels, saved_env = {n: lg.level for n, lg in quieted.items()}, os.environ.get(RAY_DATA_LOGGING_ENV)
     _verbose = verbose
     with warnings.catch_warnings():
         if not verbose:
-            ray_logger.setLevel(logging.ERROR)
+            for name, level in QUIETED.items():
+                quieted[name].setLevel(level)
             # Ray Data configures its own logger from this file on every execution: the console handler at ERROR
             # (Ray Data's log file in the session directory keeps everything).
             os.environ.setdefault(RAY_DATA_LOGGING_ENV, str(Path(__file__).with_name("ray_data_logging.yaml")))
@@ -57,7 +60,8 @@ def console(verbose: bool) -> Iterator[None]:
             yield
         finally:
             _verbose = saved_verbose
-            ray_logger.setLevel(saved_level)
+            for name, level in saved_levels.items():
+                quieted[name].setLevel(level)
             if saved_env is None:
                 os.environ.pop(RAY_DATA_LOGGING_ENV, None)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,18 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PILLOW_IMAGES = SHARED / "testdata" / "pillow-images"
 KUBERAY_CRDS = SHARED / "kuberay" / "crds"
+
+
+#: What Ray prints when its output is not held back: worker/actor prefixes, its loggers, deprecation warnings.
+RAY_NOISE = re.compile(
+    r"\((RayTrainWorker|TrainController|SplitCoordinator|DatasetManager) pid=|DeprecationWarning|"
+    r"Checkpoint successfully created|TrainingReport\(|streaming_executor|worker\.py:\d+ --"
+)
+
+
+def console_lines(text: str) -> list[str]:
+    """The non-empty lines of a console transcript (a terminal's carriage-return redraws split into lines)."""
+    return [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
 
 
 def free_port() -> int:
@@ -273,6 +286,12 @@ def s3_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
+#: The ``mlflow`` command of the server's own virtualenv (``make setup``; CLS_RAY_MLFLOW_SERVER overrides it).
+MLFLOW_SERVER_BIN = Path(
+    os.environ.get("CLS_RAY_MLFLOW_SERVER") or Path(__file__).resolve().parents[1] / ".venv-mlflow" / "bin" / "mlflow"
+)
+
+
 class MLflowServer:
     """A real MLflow tracking server (``mlflow server``: SQLite backend, local artefact store served over HTTP) on
     127.0.0.1; :meth:`api` calls its REST API."""
@@ -286,7 +305,11 @@ class MLflowServer:
     def start(self, timeout_s: float = 120) -> None:
         import requests
 
-        mlflow = Path(sys.executable).with_name("mlflow")
+        mlflow = MLFLOW_SERVER_BIN
+        if not mlflow.exists():
+            raise RuntimeError(
+                f"no MLflow server at {mlflow}: `make setup` installs it (tests/mlflow-server-constraints.txt)"
+            )
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
             [

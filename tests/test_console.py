@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_digits_folders
+from conftest import RAY_NOISE, console_lines, write_digits_folders
 
 from cls_ray.config import IngestConfig
 from cls_ray.data.ingest import ingest
@@ -30,11 +30,6 @@ ARGS = [
 ]  # fmt: skip
 #: Lines of a 2-epoch run in quiet mode: what it does (3), in-epoch progress, 2 epoch lines, the result (2).
 LINE_BUDGET = 12
-#: What Ray prints when its output is not held back: worker/actor prefixes, its loggers, deprecation warnings.
-RAY_NOISE = re.compile(
-    r"\((RayTrainWorker|TrainController|SplitCoordinator|DatasetManager) pid=|DeprecationWarning|"
-    r"Checkpoint successfully created|TrainingReport\(|streaming_executor|worker\.py:\d+ --"
-)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +73,9 @@ def _train_in_pty(dataset: str, tmp_path: Path) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
-
-
 def test_quiet_console_in_a_pipe_prints_progress_once_and_no_ray_noise(dataset, tmp_path):
     text = _train_in_pipe(dataset, tmp_path)
-    lines = _lines(text)
+    lines = console_lines(text)
     assert not [line for line in lines if RAY_NOISE.search(line)], text
     assert len(lines) == len(set(lines)), f"a line printed twice: {text}"
     assert len(lines) <= LINE_BUDGET, text
@@ -97,7 +88,7 @@ def test_terminal_shows_a_live_bar(dataset, tmp_path):
     text = _train_in_pty(dataset, tmp_path)
     assert re.search(r"epoch 1/2: +\d+%\|", text), text[-3000:]  # tqdm's bar, redrawn in place
     assert "img/s, data wait" in text and "run ETA" in text
-    lines = [line for line in _lines(text) if not re.search(r"\d+%\|", line)]  # the bar's redraws aside
+    lines = [line for line in console_lines(text) if not re.search(r"\d+%\|", line)]  # the bar's redraws aside
     assert not [line for line in lines if RAY_NOISE.search(line)], text[-3000:]
     assert sum(1 for line in lines if re.match(r"epoch [12]/2 \| train_loss", line)) == 2
 
@@ -105,5 +96,5 @@ def test_terminal_shows_a_live_bar(dataset, tmp_path):
 def test_verbose_brings_back_rays_own_output(dataset, tmp_path):
     text = _train_in_pipe(dataset, tmp_path, "-v")
     assert re.search(r"\((RayTrainWorker|TrainController) pid=", text), text[-3000:]
-    epochs = [line for line in _lines(text) if re.search(r"epoch [12]/2 \| train_loss", line)]
+    epochs = [line for line in console_lines(text) if re.search(r"epoch [12]/2 \| train_loss", line)]
     assert len(epochs) == 2, text[-3000:]  # still printed once each (by the driver)

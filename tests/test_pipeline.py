@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, write_digits_folders
+from conftest import RAY_NOISE, console_lines, free_port, write_digits_folders
 
 from cls_ray.config import load_config
 from cls_ray.data.manifest import read_manifest
 from cls_ray.package import read_package_meta
 
 REPO = Path(__file__).resolve().parents[1]
+#: Console lines of the whole chain below (seven stages, a 2-trial search): 265 measured on 2 cores, most of them
+#: Tune's trial table, which Tune reprints every 30 s (so a slower machine prints more of them).
+PIPELINE_LINE_BUDGET = 450
 
 PIPELINE = {
     "pipeline": {
@@ -113,6 +117,15 @@ def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
     assert f"127.0.0.1:{port}/v1/predict" in proc.stdout
     assert "served predictions match the true labels" in proc.stdout
     assert load_config(str(workdir / "config.yaml")).pipeline.stages == PIPELINE["pipeline"]["stages"]
+
+    # The whole chain's console in a pipe (as in a CI log): no Ray output, cls-ray's own lines once each, within a
+    # line budget. (Tune's trial table repeats its rows by design; its lines are not cls-ray's.)
+    transcript = proc.stdout + proc.stderr
+    lines = console_lines(transcript)
+    assert not [line for line in lines if RAY_NOISE.search(line)], transcript[-5000:]
+    own = [line for line in lines if re.match(r"\d\d:\d\d:\d\d \w+ cls_ray\.|epoch \d+/\d+ \|", line)]
+    assert own and len(own) == len(set(own)), transcript[-5000:]
+    assert len(lines) <= PIPELINE_LINE_BUDGET, f"{len(lines)} lines: {transcript[-5000:]}"
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.yaml")))
