@@ -161,13 +161,10 @@ def _local_copy(uri: str, directory: str) -> str:
     """``uri`` (a local folder or an s3:// prefix) as a local folder (downloaded into ``directory`` if remote)."""
     if not storage.is_remote(uri):
         return uri
-    root = uri.rstrip("/")
-    for info in storage.list_files(root):
-        relative = info.path[len(storage.resolve(root)[1].rstrip("/")) + 1 :]
-        dest = os.path.join(directory, relative)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(dest, "wb") as f:
-            f.write(storage.read_bytes(storage.join(root, relative)))
+    import pyarrow.fs as pafs
+
+    filesystem, path = storage.resolve(uri.rstrip("/"))
+    pafs.copy_files(path, directory, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
     return directory
 
 
