@@ -450,9 +450,9 @@ def trained_package(tmp_path_factory) -> dict[str, Path]:
     """A model package from a real ``cls-ray ingest`` + ``cls-ray train`` run (ResNet-10-T, 32 px, 4 epochs on
     1,000 digits: ~0.9 validation top-1), made once per test session in a child process with its own Ray instance.
 
-    Yields ``{"package", "dataset", "run", "folders"}``: the package (named ``digits``), its dataset (700 train /
-    150 val / 150 test), the run directory (checkpoints, ``history/``) and the class folders it was ingested from.
-    Treat all of them as read-only.
+    Yields ``{"package", "dataset", "run", "folders", "train_log"}``: the package (named ``digits``), its dataset
+    (700 train / 150 val / 150 test), the run directory (checkpoints, ``history/``), the class folders it was ingested
+    from, and what ``cls-ray train`` printed to its pipe (the console test reads it). Treat all of them as read-only.
     """
     import subprocess
     import sys
@@ -462,20 +462,11 @@ def trained_package(tmp_path_factory) -> dict[str, Path]:
     dataset, runs = root / "dataset", root / "runs"
     cli = [sys.executable, "-m", "cls_ray.cli"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = root / "train.log"
-    with open(log, "wb") as out:
-        for args in (
-            ["ingest", str(folders), str(dataset)],
-            [
-                "train",
-                "--data",
-                str(dataset),
-                *(a for o in TRAINED_PACKAGE_OVERRIDES for a in ("--set", o)),
-                "--set",
-                f"train.storage_path={runs}",
-            ],
-        ):
+    train = [*(a for o in TRAINED_PACKAGE_OVERRIDES for a in ("--set", o)), "--set", f"train.storage_path={runs}"]
+    for args in (["ingest", str(folders), str(dataset)], ["train", "--data", str(dataset), *train]):
+        log = root / f"{args[0]}.log"
+        with open(log, "wb") as out:  # a pipe, as in a CI log
             done = subprocess.run(cli + args, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900, check=False)
-            assert done.returncode == 0, f"cls-ray {args[0]} failed:\n{log.read_text()[-4000:]}"
+        assert done.returncode == 0, f"cls-ray {args[0]} failed:\n{log.read_text()[-4000:]}"
     run = runs / "shared"
-    return {"package": run / "package", "dataset": dataset, "run": run, "folders": folders}
+    return {"package": run / "package", "dataset": dataset, "run": run, "folders": folders, "train_log": log}

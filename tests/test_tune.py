@@ -1,10 +1,10 @@
 """The search stage end to end on a real Ray cluster and real data (scikit-learn digits, ingested): Optuna TPE +
-ASHA over multi-worker Ray Train trials, the leaderboard, promotion of the best trial, and resuming an experiment
-whose driver was killed."""
+ASHA over multi-worker Ray Train trials with the experiment on a real S3 server, the leaderboard, promotion of the
+best trial, and resuming an experiment whose driver was killed."""
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import os
 import signal
@@ -110,18 +110,32 @@ def _history_files(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run_dir / HISTORY_DIR).glob("*.json"))}
 
 
+def _s3_json_lines(uri: str) -> list[dict]:
+    from cls_ray import storage
+
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
 @pytest.mark.timeout(1800)  # hang guard: on a heavily shared 2-core machine this takes over 10 minutes
-def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dataset, mlflow_server, tmp_path):
+def test_search_on_s3_stops_trials_early_and_promotes_the_best(
+    ray_cluster, digits_dataset, mlflow_server, s3_bucket, tmp_path
+):
+    """The search with its experiment on the real S3 server (Tune's state, trial results, checkpoints, the promoted
+    package and its test evaluation all live there), tracked on a real MLflow server."""
+    from cls_ray import storage
     from cls_ray.evaluate import evaluate
 
     space = tmp_path / "two_archs.yaml"
     space.write_text(TWO_ARCHS)
+    root = f"{s3_bucket}/experiments"
     cfg = load_config(
         None,
         FAST
         + [
             f"tune.space={space}",
-            f"tune.storage_path={tmp_path}",
+            f"tune.storage_path={root}",
             "tune.experiment_name=search",
             "tune.num_samples=4",
             "tune.max_epochs=3",
@@ -136,9 +150,12 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
         ],
     )
     result = tune(digits_dataset, cfg)
-    exp = tmp_path / "search"
+    exp = f"{root}/search"
+    assert result.experiment_uri == exp
+    names = {info.path.rsplit("/", 1)[-1] for info in storage.list_files(exp, recursive=False)}
+    assert {"tuner.pkl", "leaderboard.csv", "leaderboard.parquet", "summary.json"} <= names, names
 
-    board = pq.read_table(exp / "leaderboard.parquet").to_pylist()
+    board = pq.read_table(io.BytesIO(storage.read_bytes(f"{exp}/leaderboard.parquet"))).to_pylist()
     assert len(board) == 4
     assert sorted(row["trial"].split("_")[1] for row in board) == ["0001", "0002", "0003", "0004"]
     assert all(row["trial"].endswith(row["model.name"]) for row in board)
@@ -148,10 +165,13 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
     for row in board:
         assert (row["epochs"] == 3) == (row["status"] == COMPLETED)
         assert row["val_top1"] is not None and row["wall_time_s"] > 0
-        assert (exp / row["trial"] / "params.json").exists()
-        assert glob.glob(str(exp / row["trial"] / "events.out.tfevents.*")), "TensorBoard events per trial"
-        epochs = [r["epoch"] for r in _results(exp / row["trial"])]
+        trial_files = {info.path.rsplit("/", 1)[-1] for info in storage.list_files(f"{exp}/{row['trial']}")}
+        assert "params.json" in trial_files
+        assert any(n.startswith("events.out.tfevents.") for n in trial_files), "TensorBoard events per trial"
+        epochs = [r["epoch"] for r in _s3_json_lines(f"{exp}/{row['trial']}/result.json")]
         assert epochs == list(range(1, row["epochs"] + 1))
+        run_files = [info.path for info in storage.list_files(f"{exp}/runs/{row['trial']}")]
+        assert any("/epoch-" in path and path.endswith("model.safetensors") for path in run_files), run_files
     ranked = [row["val_top1"] for row in board]
     assert ranked == sorted(ranked, reverse=True)
     # tune.each_architecture_first: trials 1 and 2 take the space's architectures in its order (seed 1's random
@@ -161,20 +181,24 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
 
     best = board[0]
     assert result.best_trial == best["trial"] and result.best_metric == pytest.approx(best["val_top1"])
-    assert result.best_package_uri == str(exp / "best")
+    assert result.best_package_uri == f"{exp}/best"
     meta = read_package_meta(result.best_package_uri)
     assert meta["architecture"] == best["model.name"]
     assert meta["train_config"]["optim"]["lr"] == pytest.approx(best["optim.lr"])
     assert meta["metrics"]["epoch"] == best["best_epoch"]
+    assert meta["metrics"]["val_top1"] == pytest.approx(result.best_metric)
     # The promoted package, evaluated anew on the validation split, scores what the leaderboard reports.
     val = evaluate(result.best_package_uri, digits_dataset, "val", str(tmp_path / "eval-val"), 128)
     assert val["top1"] == pytest.approx(best["val_top1"], abs=1e-6)
     assert result.test_metrics is not None and 0 <= result.test_metrics["top1"] <= 1
-    summary = json.loads((exp / "summary.json").read_text())
+    assert storage.exists(f"{exp}/best/eval-test/metrics.json")
+    summary = storage.read_json(f"{exp}/summary.json")
     assert summary["best_trial"] == best["trial"] and summary["best_package"] == result.best_package_uri
-    assert (exp / "leaderboard.csv").read_text().splitlines()[0].startswith('"rank","trial","status","val_top1"')
+    csv_head = storage.read_bytes(f"{exp}/leaderboard.csv").decode().splitlines()[0]
+    assert csv_head.startswith('"rank","trial","status","val_top1"')
     # MLflow (Ray Tune's MLflowLoggerCallback, read back through the server's REST API): a finished run per trial
-    # with its sampled config and a metric point per epoch it ran; the promoted package in the best trial's run.
+    # with its sampled config and a metric point per epoch it ran; the promoted package (copied down from S3) in the
+    # best trial's run.
     runs = {
         tags["trial_name"]: run
         for run in mlflow_server.runs("search")
@@ -197,8 +221,13 @@ def test_search_stops_trials_early_and_promotes_the_best(ray_cluster, digits_dat
         f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1", headers=get_auth_headers_if_auth_enabled({})
     )
     with urllib.request.urlopen(request, timeout=30) as response:
-        runs = json.loads(response.read())["train_runs"]
-    assert {row["trial"] for row in board} <= {run["name"] for run in runs}
+        train_runs = json.loads(response.read())["train_runs"]
+    assert {row["trial"] for row in board} <= {run["name"] for run in train_runs}
+    # Credentials come only from the environment: the secret key is in no object of the experiment (Tune state,
+    # trial results, checkpoints, package, evaluation), no file next to it, and no log of the cluster.
+    logs = ray_log_texts(ray_cluster.address)
+    assert len(logs) > 5
+    assert assert_secret_absent(uris=(exp,), dirs=(tmp_path,), texts=logs) > 20
 
 
 def _state_statuses(exp: Path) -> dict[str, str]:
@@ -294,40 +323,3 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, di
         assert _results(exp / name)[: len(partial)] == partial
     assert any(row["status"] == ERRORED for row in board.values()), "the space yields an impossible combination"
     assert result.best_trial in board and board[result.best_trial]["status"] == COMPLETED
-
-
-def test_experiment_on_s3_keeps_state_checkpoints_and_package_there(ray_cluster, digits_dataset, s3_bucket, tmp_path):
-    from cls_ray import storage
-
-    space = tmp_path / "one.yaml"
-    space.write_text(TWO_ARCHS.replace("  mobilenet: {architectures: [mobilenetv3_small_050]}\n", ""))
-    root = f"{s3_bucket}/experiments"
-    cfg = load_config(
-        None,
-        FAST
-        + [
-            f"tune.space={space}",
-            f"tune.storage_path={root}",
-            "tune.experiment_name=remote",
-            "tune.num_samples=1",
-            "tune.max_epochs=1",
-            "train.num_workers=1",
-        ],
-    )
-    result = tune(digits_dataset, cfg)
-
-    exp = f"{root}/remote"
-    assert result.experiment_uri == exp and result.best_package_uri == f"{exp}/best"
-    names = {info.path.rsplit("/", 1)[-1] for info in storage.list_files(exp, recursive=False)}
-    assert "tuner.pkl" in names and "leaderboard.csv" in names and "summary.json" in names
-    trial = result.best_trial
-    run_files = [info.path for info in storage.list_files(f"{exp}/runs/{trial}")]
-    assert any("/epoch-0001/" in path for path in run_files), run_files
-    assert storage.exists(f"{exp}/{trial}/result.json")
-    assert read_package_meta(result.best_package_uri)["metrics"]["val_top1"] == pytest.approx(result.best_metric)
-    assert result.test_metrics is not None and storage.exists(f"{exp}/best/eval-test/metrics.json")
-    # Credentials come only from the environment: the secret key is in no object of the experiment (Tune state,
-    # trial results, checkpoints, package, evaluation), no file next to it, and no log of the cluster.
-    logs = ray_log_texts(ray_cluster.address)
-    assert len(logs) > 5
-    assert assert_secret_absent(uris=(exp,), dirs=(tmp_path,), texts=logs) > 20
