@@ -9,9 +9,14 @@ is a JPEG that must be read, hashed and fully decoded). Measured, each on the sa
   and "job only" do not;
 - the whole ``ingest`` to local disk, with near-duplicate detection (the default, ``near_duplicates=group``: a
   perceptual hash in the validation pass, then matching) and without (``off``), alternated ``--repeats`` times, best
-  of each; and to S3 (a moto server started here, in its own process).
+  of each; and to S3 (a moto server started here, in its own process);
+- the whole ``ingest`` with ``ingest.engine=ray`` (validation and shard writing as Ray tasks, on a local Ray
+  instance of ``--workers`` CPUs): "cold" with ``ray.init`` and the tasks' first pools, "warm" a second run on the
+  same instance;
+- with ``--listing N``: listing N objects in 100 class folders on a real S3 server (SeaweedFS, as the tests run it),
+  the plain paginated listing (``scan_source``) against the Ray engine's parallel one (a task per class folder).
 
-Run: ``.venv/bin/python benchmarks/ingest.py [--images 3000] [--workers 2]``.
+Run: ``.venv/bin/python benchmarks/ingest.py [--images 3000] [--workers 2] [--listing 100000]``.
 """
 
 from __future__ import annotations
@@ -120,6 +125,61 @@ def timed_ingest(src: str, dest: str, cfg: IngestConfig) -> float:
     return time.perf_counter() - start
 
 
+def cluster_ingest(src: str, tmp: str, workers: int) -> tuple[float, float]:
+    """``(cold, warm)`` seconds of ``ingest.engine=ray`` on a local Ray instance of ``workers`` CPUs."""
+    import ray
+
+    cfg = IngestConfig(engine="ray", task_cpus=workers)
+    start = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False)
+    try:
+        ingest(src, f"{tmp}/ds_ray_cold", cfg, summary=False)
+        cold = time.perf_counter() - start
+        warm = timed_ingest(src, f"{tmp}/ds_ray_warm", cfg)
+    finally:
+        ray.shutdown()
+    return cold, warm
+
+
+def listing(n: int, tmp: str) -> tuple[float, float]:
+    """``(plain, parallel)`` seconds listing ``n`` objects in 100 class folders on a SeaweedFS server."""
+    import boto3
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import S3Server, s3_environment
+
+    from cls_ray.data.ingest_ray import scan_parallel
+    from cls_ray.data.scan import scan_source
+
+    server = S3Server(Path(tempfile.mkdtemp(prefix="clsray-s3-", dir="/tmp")))
+    server.start()
+    os.environ.update(s3_environment(server.endpoint))
+    try:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="listing")
+        keys = [f"src/class_{i % 100:03d}/{i:07d}.png" for i in range(n)]
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda k: client.put_object(Bucket="listing", Key=k, Body=b"x"), keys))
+        start = time.perf_counter()
+        plain = scan_source("s3://listing/src")
+        plain_s = time.perf_counter() - start
+        ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            scan_parallel("s3://listing/src", {})  # the tasks' worker processes start
+            start = time.perf_counter()
+            parallel = scan_parallel("s3://listing/src", {})
+            parallel_s = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+        assert parallel == plain and len(plain.files) == n
+        return plain_s, parallel_s
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000)
@@ -128,6 +188,7 @@ def main() -> None:
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="alternated runs with and without near-duplicates")
+    parser.add_argument("--listing", type=int, default=0, help="also time listing this many objects on SeaweedFS")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cls-ray-bench-") as tmp:
         src = Path(tmp) / "src"
@@ -157,6 +218,10 @@ def main() -> None:
                 w,
             )
         )
+        if not args.skip_ray:
+            cold, warm = cluster_ingest(str(src), tmp, w)
+            rows.append((f"ingest -> local, engine=ray ({w} CPUs), cold (ray.init)", cold, w))
+            rows.append((f"ingest -> local, engine=ray ({w} CPUs), warm", warm, w))
         if not args.skip_s3:
             proc, _ = start_moto()
             try:
@@ -175,6 +240,11 @@ def main() -> None:
     ratio = min(times["on"]) / min(times["off"])
     print(f"\nnear_duplicates=group / off, best of {args.repeats}: {ratio:.3f}x the time")
     print(f"all runs: off {runs['off']} s; group {runs['on']} s")
+    if args.listing:
+        with tempfile.TemporaryDirectory(prefix="cls-ray-bench-") as tmp:
+            plain_s, parallel_s = listing(args.listing, tmp)
+        print(f"\nlisting {args.listing} objects in 100 class folders (SeaweedFS): plain paginated {plain_s:.2f} s, "
+              f"parallel (Ray tasks) {parallel_s:.2f} s: {plain_s / parallel_s:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

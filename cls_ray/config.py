@@ -127,6 +127,20 @@ class IngestConfig:
     group_tolerance: float = 0.05
     """Under a group split, the largest acceptable gap between a split's share of the images and its fraction; a
     larger one is reported (log and manifest ``split.groups``), since a few large groups cannot be cut finely."""
+    engine: Literal["auto", "pool", "ray"] = "auto"
+    """Where the work runs: ``pool``, worker processes on this machine; ``ray``, listing, validation and shard
+    writing as tasks over the Ray cluster this command joins (``RAY_ADDRESS``, as under ``ray job submit``, else a
+    local instance), the same dataset byte for byte, resumable; ``auto`` takes ``ray`` when a cluster of more than
+    one node is reachable, SRC and DEST are on object storage and there are at least 20,000 files, else ``pool``,
+    and says which it chose and why."""
+    chunk_files: int = 1024
+    """``engine=ray``: files per validation task (the unit of work, of retry after a lost node and of resume)."""
+    task_cpus: int = 4
+    """``engine=ray``: CPUs each validation task reserves and validates with (its worker processes); at most the
+    largest node's CPUs."""
+    shared_filesystem: bool = False
+    """``engine=ray`` with a local SRC or DEST: every node mounts it at the same path (NFS, a cluster filesystem),
+    so the tasks may run anywhere; off, they stay on this node."""
 
     def __post_init__(self) -> None:
         _check(
@@ -142,6 +156,8 @@ class IngestConfig:
                     f"ingest.group_by: {self.group_by!r} is not a valid regular expression ({exc})"
                 ) from None
         _check(0 < self.group_tolerance < 1, "ingest.group_tolerance", "must be in (0, 1)")
+        _check(self.chunk_files >= 1, "ingest.chunk_files", "must be at least 1")
+        _check(self.task_cpus >= 1, "ingest.task_cpus", "must be at least 1")
         _check(
             0 <= self.near_duplicate_threshold <= 64,
             "ingest.near_duplicate_threshold",

@@ -1,7 +1,8 @@
 """``cls-ray ingest``: class folders (local or s3://) -> validated Parquet shards + ``manifest.json``.
 
 The stages, one module each: :mod:`~cls_ray.data.scan` lists the files, :mod:`~cls_ray.data.validate` decodes
-every file in worker processes under a time bound, :mod:`~cls_ray.data.split` drops duplicates and splits by
+every file in worker processes under a time bound (on this machine, or over a Ray cluster with ``ingest.engine``:
+:mod:`~cls_ray.data.ingest_ray`), :mod:`~cls_ray.data.split` drops duplicates and splits by
 class (whole groups at a time with ``ingest.group_by``: :mod:`~cls_ray.data.groups`), :mod:`~cls_ray.data.parquet`
 writes the shards and :mod:`~cls_ray.data.manifest` writes the manifest, last. Nothing at DEST is touched until
 the input has been fully validated, so a bad input loses nothing.
@@ -13,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from cls_ray import storage
 from cls_ray.config import IngestConfig
 from cls_ray.data import near_duplicates
+from cls_ray.data.ingest_ray import WORK_DIR, RayEngine, choose_engine, confirm_engine
 from cls_ray.data.manifest import (
     MANIFEST_FORMAT_VERSION,
     MANIFEST_NAME,
@@ -31,13 +34,13 @@ from cls_ray.data.manifest import (
 from cls_ray.data.parquet import Row, write_split
 from cls_ray.data.scan import SPLIT_DIRS, IngestError, ScanResult, scan_source
 from cls_ray.data.split import SPLITS, Item, assign_splits, resolve_duplicates, shard_order
-from cls_ray.data.validate import EncodeOptions, validate_files
+from cls_ray.data.validate import EncodeOptions, validate_file, validate_files
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IngestError", "ingest"]
 
-_OWN_ENTRIES = frozenset({MANIFEST_NAME, *SPLIT_DIRS})
+_OWN_ENTRIES = frozenset({MANIFEST_NAME, WORK_DIR, *SPLIT_DIRS})
 _PROBE = ".cls-ray-write-probe"
 
 
@@ -178,7 +181,11 @@ def _clear_dest(dest: str) -> None:
         storage.delete(storage.join(dest, split))
 
 
-def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[Item], dict[str, dict], list[dict]]:
+def _validate(
+    scan: ScanResult, cfg: IngestConfig, spool: _Spool, engine: RayEngine | None, validate: Callable
+) -> tuple[list[Item], dict[str, dict], list[dict]]:
+    """Every file validated, by the pool here or by the Ray engine's tasks; a valid file's facts say where its
+    stored bytes are (``where`` in the spool, or ``read`` for the Ray engine's shard writers)."""
     from cls_ray.progress import bar as progress_bar
 
     opts = EncodeOptions(cfg.max_pixels, cfg.max_side, cfg.jpeg_quality, phash=cfg.near_duplicates != "off")
@@ -188,17 +195,22 @@ def _validate(scan: ScanResult, cfg: IngestConfig, spool: _Spool) -> tuple[list[
     facts: dict[str, dict] = {}
     skipped: list[dict] = list(scan.skipped)
     uris = [f.uri for f in scan.files]
-    logger.info("validating %d files with %d worker processes", len(uris), workers)
+    if engine is None:
+        logger.info("validating %d files with %d worker processes", len(uris), workers)
+        results = validate_files(uris, opts, workers, cfg.file_timeout_s, validate=validate)
+    else:
+        results = engine.validate_files(uris, opts)
     with progress_bar(len(uris), "validating") as bar:
         try:
-            for i, result in validate_files(uris, opts, workers, cfg.file_timeout_s):
+            for i, result in results:
                 bar.update(1)
                 f = scan.files[i]
                 if "reason" in result:
                     skipped.append({"path": f.path, "reason": result["reason"], "detail": result["detail"]})
                     continue
                 items.append(Item(f.path, labels[f.class_name], result["sha256"], f.split))
-                facts[f.path] = {"where": spool.put(result.pop("image")), **result}
+                image = result.pop("image", None)
+                facts[f.path] = {"where": spool.put(image), **result} if engine is None else result
         except RuntimeError as exc:  # pebble: the pool itself could not start its workers
             raise IngestError(
                 f"the validation worker processes failed to start ({exc}); a script that calls "
@@ -457,7 +469,9 @@ def _encoding_summary(kept: list[Item], facts: dict[str, dict], cfg: IngestConfi
     }
 
 
-def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> dict[str, Any]:
+def ingest(
+    src: str, dest: str, cfg: IngestConfig, *, summary: bool = True, validate: Callable = validate_file
+) -> dict[str, Any]:
     """Validate the class folders at ``src`` and write a dataset (shards + manifest.json) to ``dest``.
 
     Args:
@@ -465,6 +479,8 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         dest: dataset location, local directory or ``s3://bucket/prefix``.
         cfg: the ``ingest`` config section.
         summary: print the summary table when done.
+        validate: the per-file function the worker processes run (a module-level function; tests and benchmarks
+            wrap :func:`~cls_ray.data.validate.validate_file` to plant crashes, hangs or delays).
 
     Returns:
         The manifest written (or found, when DEST already holds a complete dataset and overwrite is off).
@@ -486,11 +502,17 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         # The matching step's libraries (faiss, scipy's graph module: ~0.5 s of CPU to import) load in the
         # background while the source is listed and the worker processes start, instead of after validation.
         threading.Thread(target=near_duplicates.preload, name="cls-ray-preload", daemon=True).start()
-    scan = scan_source(src)
+    engine, why = choose_engine(cfg, src, dest)
+    ray_engine = RayEngine(src, dest, cfg, validate=validate) if engine == "ray" else None
+    scan = ray_engine.scan() if ray_engine is not None else scan_source(src)
+    engine, why = confirm_engine(cfg, engine, why, len(scan.files))
+    if engine == "pool":
+        ray_engine = None
+    logger.info("ingest engine: %s (%s)", engine, why)
     _check_dest(dest, src)
     spool = _Spool()
     try:
-        items, facts, skipped = _validate(scan, cfg, spool)
+        items, facts, skipped = _validate(scan, cfg, spool, ray_engine, validate)
         _check_classes(items, scan.classes, cfg, src)
         kept, duplicates = resolve_duplicates(items, scan.classes)
         _check_classes(kept, scan.classes, cfg, src)
@@ -529,7 +551,10 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
             _warn_near_duplicates(near_info)
         _warn_missing(splits, scan.classes)
         _clear_dest(dest)
-        split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg, groups, found)
+        if ray_engine is not None:
+            split_entries = ray_engine.write_shards(splits, facts, len(scan.classes), groups, found)
+        else:
+            split_entries = _write_shards(dest, splits, facts, spool, len(scan.classes), cfg, groups, found)
         betons = _write_betons(dest, splits, facts, spool, cfg) if cfg.ffcv else None
     finally:
         spool.close()
@@ -564,6 +589,10 @@ def ingest(src: str, dest: str, cfg: IngestConfig, *, summary: bool = True) -> d
         manifest["near_duplicates"] = near_info
         manifest["counts"]["near_duplicates_dropped"] = len(near_dropped)
     write_manifest(dest, manifest)
+    try:  # chunk results of this or an interrupted cluster ingest
+        storage.delete(storage.join(dest, WORK_DIR))
+    except storage.StorageError as exc:
+        logger.warning("the dataset is complete, but its work files were not removed: %s", exc)
     logger.info("dataset complete: %s", manifest_uri(dest))
     if summary:
         print_ingest_summary(manifest)

@@ -64,6 +64,47 @@ class _Batch:
         return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA)
 
 
+class _Cuts:
+    """Where a split's rows are cut into row groups and shards, from the rows' image sizes alone: a row group ends
+    at :data:`ROW_GROUP_ROWS` rows, at :data:`ROW_GROUP_BYTES`, or where the shard reaches its target size; a shard
+    ends after the row group that takes it to ``target_bytes``. :class:`ShardWriter` writes by it and
+    :func:`plan_shards` plans by it, so a shard written on its own (the Ray engine) is the one written in sequence.
+    """
+
+    def __init__(self, target_bytes: int) -> None:
+        self.target_bytes = target_bytes
+        self.shard_bytes = 0
+        self.batch_rows = 0
+        self.batch_bytes = 0
+
+    def add(self, size: int) -> bool:
+        """One more row of ``size`` image bytes; True when the row group ends with it."""
+        self.batch_rows += 1
+        self.batch_bytes += size
+        room = self.target_bytes - self.shard_bytes
+        return self.batch_rows >= ROW_GROUP_ROWS or self.batch_bytes >= min(ROW_GROUP_BYTES, room)
+
+    def end_group(self) -> bool:
+        """The row group is written; True when the shard ends with it."""
+        self.shard_bytes += self.batch_bytes
+        self.batch_rows = self.batch_bytes = 0
+        if self.shard_bytes >= self.target_bytes:
+            self.shard_bytes = 0
+            return True
+        return False
+
+
+def plan_shards(sizes: Iterable[int], target_bytes: int) -> list[int]:
+    """Rows per shard of a split whose rows have these image sizes, in order (what :func:`write_split` writes)."""
+    cuts, shards, rows = _Cuts(target_bytes), [], 0
+    for size in sizes:
+        rows += 1
+        if cuts.add(size) and cuts.end_group():
+            shards.append(rows)
+            rows = 0
+    return [*shards, rows] if rows else shards
+
+
 class ShardWriter:
     """Writes the rows of one split as ``SPLIT/part-NNNNN.parquet`` files of about ``target_bytes`` each.
 
@@ -72,21 +113,21 @@ class ShardWriter:
         split: ``train``, ``val`` or ``test``.
         num_classes: length of the per-shard ``class_counts``.
         target_bytes: a shard is closed once its image bytes reach this size.
+        first_index: the number of the first shard written (a writer of one planned shard, :func:`plan_shards`).
     """
 
-    def __init__(self, dataset_uri: str, split: str, num_classes: int, target_bytes: int):
+    def __init__(self, dataset_uri: str, split: str, num_classes: int, target_bytes: int, first_index: int = 0):
         self.dataset_uri = dataset_uri
         self.split = split
         self.num_classes = num_classes
-        self.target_bytes = target_bytes
+        self.first_index = first_index
         self.shards: list[dict] = []
         self._writer: pq.ParquetWriter | None = None
-        self._shard_bytes = 0
-        self._counts: list[int] = []
+        self._cuts = _Cuts(target_bytes)
         self._batch = _Batch()
 
     def _open(self) -> None:
-        rel = f"{self.split}/part-{len(self.shards):05d}.parquet"
+        rel = f"{self.split}/part-{self.first_index + len(self.shards):05d}.parquet"
         uri = storage.join(self.dataset_uri, *rel.split("/"))
         fs, path = storage.resolve(uri)
         if not storage.is_remote(uri):
@@ -107,7 +148,6 @@ class ShardWriter:
             write_statistics=["label", "width", "height"],
         )
         self.shards.append({"path": rel, "num_rows": 0, "class_counts": [0] * self.num_classes})
-        self._shard_bytes = 0
 
     def _flush(self) -> None:
         if not self._batch.rows:
@@ -119,9 +159,8 @@ class ShardWriter:
         for row in self._batch.rows:
             shard["class_counts"][row.label] += 1
         shard["num_rows"] += len(self._batch.rows)
-        self._shard_bytes += self._batch.nbytes
         self._batch = _Batch()
-        if self._shard_bytes >= self.target_bytes:
+        if self._cuts.end_group():
             self._close_shard()
 
     def _close_shard(self) -> None:
@@ -133,8 +172,7 @@ class ShardWriter:
         """Append one row."""
         self._batch.rows.append(row)
         self._batch.nbytes += len(row.image)
-        room = self.target_bytes - self._shard_bytes
-        if len(self._batch.rows) >= ROW_GROUP_ROWS or self._batch.nbytes >= min(ROW_GROUP_BYTES, room):
+        if self._cuts.add(len(row.image)):
             self._flush()
 
     def close(self) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cls_ray import storage
@@ -52,7 +53,7 @@ class ScanResult:
     hidden_ignored: int = 0
 
 
-def _is_hidden(rel: str) -> bool:
+def is_hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
@@ -138,7 +139,7 @@ def _list_remote(src: str) -> _Listing:
         rel = info.path[len(base) :].lstrip("/")
         if not rel:
             continue
-        if _is_hidden(rel):
+        if is_hidden(rel):
             hidden += 1
             continue
         pairs.append((f"{prefix}/{rel}", rel))
@@ -162,15 +163,20 @@ def _check_source(src: str) -> None:
         raise IngestError(f"SRC {src} is not a directory of class folders")
 
 
-def scan_source(src: str) -> ScanResult:
+def scan_source(src: str, lister: Callable[[str], _Listing] | None = None) -> ScanResult:
     """List the candidate images under ``src`` and work out the layout and class names.
+
+    Args:
+        lister: lists an ``s3://`` SRC instead of :func:`_list_remote` (the Ray engine's parallel listing, which
+            returns the same listing).
 
     Raises:
         IngestError: SRC missing, not a directory, or holding no class folder.
     """
     _check_source(src)
+    remote = lister or _list_remote
     try:
-        pairs, skipped, hidden, dirs = _list_remote(src) if storage.is_remote(src) else _list_local(src)
+        pairs, skipped, hidden, dirs = remote(src) if storage.is_remote(src) else _list_local(src)
     except storage.StorageError as exc:
         raise IngestError(f"cannot list SRC: {exc}") from None
     top_dirs = {rel.split("/")[0] for _, rel in pairs if "/" in rel} | {d for d in dirs if "/" not in d}

@@ -47,6 +47,9 @@ class EncodeOptions:
     jpeg_quality: int
     phash: bool = False
     """Also take the image's perceptual hash (``ingest.near_duplicates``), from the image just decoded."""
+    return_original: bool = True
+    """Return the bytes of a file kept as it is (``image``); off, ``image`` is None for such a file and the shard
+    writer reads it again from the source (the Ray engine: no image bytes travel back from its workers)."""
 
 
 class _TooLarge(Exception):
@@ -94,8 +97,9 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
     """Read, hash, fully decode and (when needed) re-encode one file; runs in a worker process.
 
     Returns:
-        ``{"sha256", "width", "height", "format", "encoding": "original"|"jpeg"|"png", "resized", "image"}``
-        (and ``"phash"`` with ``opts.phash``) for a valid image, or ``{"reason", "detail"}`` for a refused one.
+        ``{"sha256", "width", "height", "format", "encoding": "original"|"jpeg"|"png", "resized", "size",
+        "image"}`` (``size``: the stored bytes' length; ``"phash"`` with ``opts.phash``) for a valid image, or
+        ``{"reason", "detail"}`` for a refused one.
     """
     # Pillow's own bomb guard must not refuse what ingest.max_pixels allows; it is only ever raised, never lowered
     # (this also runs in the caller's process, where other code relies on Pillow's default).
@@ -145,7 +149,8 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         "format": decoded.format,
         "encoding": kind,
         "resized": resized,
-        "image": image,
+        "size": len(image),
+        "image": image if kind != "original" or opts.return_original else None,
     }
 
 
@@ -176,6 +181,66 @@ def _failure(future: Any, timeout_s: float) -> dict[str, Any]:
         return {"reason": "decoder_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+class ValidatorPool:
+    """Worker processes (a ``pebble`` pool) that validate files, each file under a time bound: a file over it has
+    its worker killed and is refused with reason ``timeout``; a file that crashes its worker is refused with reason
+    ``decoder_crash``; the pool replaces the lost worker and goes on. Reusable across batches of files (the Ray
+    engine keeps one per Ray worker process, :mod:`cls_ray.data.ingest_ray`).
+
+    Args:
+        num_workers: worker processes.
+        timeout_s: per-file time bound.
+        validate: the per-file function run in the workers (a module-level function).
+        quiet: silence the workers' stderr (C decoders' warnings about broken files).
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        timeout_s: float,
+        *,
+        validate: Callable[[str, EncodeOptions], dict[str, Any]] = validate_file,
+        quiet: bool = True,
+    ) -> None:
+        env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+        context = multiprocessing.get_context("forkserver")
+        # Imported once in the fork server (when this process starts it), not again in every worker.
+        context.set_forkserver_preload(["cls_ray.data.validate", "cls_ray.data.near_duplicates"])
+        self.num_workers, self.timeout_s, self.validate = num_workers, timeout_s, validate
+        self._pool = ProcessPool(
+            max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env, quiet)
+        )
+
+    def run(self, uris: Sequence[str], opts: EncodeOptions) -> Iterator[tuple[int, dict]]:
+        """Validate ``uris``; yields ``(index, result)`` as files finish (any order)."""
+        window = max(64, self.num_workers * 16)  # bounded in-flight work: results hold image bytes
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # futures arrive here as they finish, O(1) per file
+        pending: dict[Any, int] = {}
+        index = 0
+        try:
+            while index < len(uris) or pending:
+                while index < len(uris) and len(pending) < window:
+                    future = self._pool.schedule(self.validate, args=(uris[index], opts), timeout=self.timeout_s)
+                    pending[future] = index
+                    future.add_done_callback(finished.put)
+                    index += 1
+                future = finished.get()
+                yield pending.pop(future), _failure(future, self.timeout_s)
+        finally:
+            for future in pending:  # an abandoned run leaves no work behind in a reused pool
+                future.cancel()
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+    def __enter__(self) -> ValidatorPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def validate_files(
     uris: Sequence[str],
     opts: EncodeOptions,
@@ -185,30 +250,7 @@ def validate_files(
     validate: Callable[[str, EncodeOptions], dict[str, Any]] = validate_file,
     quiet: bool = True,
 ) -> Iterator[tuple[int, dict]]:
-    """Validate ``uris`` in ``num_workers`` processes; yields ``(index, result)`` as files finish (any order).
-
-    Args:
-        uris: files to validate (local paths or s3:// URIs).
-        opts: decoding limits and encoding choices.
-        num_workers: worker processes.
-        timeout_s: per-file time bound; a file over it is refused with reason ``timeout``.
-        validate: the per-file function run in the workers (a module-level function).
-        quiet: silence the workers' stderr (C decoders' warnings about broken files).
-    """
-    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-    context = multiprocessing.get_context("forkserver")
-    # Imported once in the fork server (when this process starts it), not again in every worker.
-    context.set_forkserver_preload(["cls_ray.data.validate", "cls_ray.data.near_duplicates"])
-    window = max(64, num_workers * 16)  # bounded in-flight work: results hold image bytes
-    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures arrive here as they finish, O(1) per file
-    with ProcessPool(max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env, quiet)) as pool:
-        pending: dict[Any, int] = {}
-        index = 0
-        while index < len(uris) or pending:
-            while index < len(uris) and len(pending) < window:
-                future = pool.schedule(validate, args=(uris[index], opts), timeout=timeout_s)
-                pending[future] = index
-                future.add_done_callback(finished.put)
-                index += 1
-            future = finished.get()
-            yield pending.pop(future), _failure(future, timeout_s)
+    """Validate ``uris`` in ``num_workers`` processes (a :class:`ValidatorPool` for this call); yields
+    ``(index, result)`` as files finish (any order)."""
+    with ValidatorPool(num_workers, timeout_s, validate=validate, quiet=quiet) as pool:
+        yield from pool.run(uris, opts)
