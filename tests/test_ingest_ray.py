@@ -301,12 +301,12 @@ def test_a_prefix_of_more_than_10000_objects_is_listed_completely_in_parallel(cl
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(put, keys))
     with caplog.at_level(logging.INFO, logger="cls_ray"):
-        parallel = scan_parallel(f"{s3_bucket}/src", {})
+        parallel = scan_parallel(f"{s3_bucket}/src")
     sequential = scan_source(f"{s3_bucket}/src")
     assert len(parallel.files) == 40 * 255 > 10_000
     assert parallel == sequential  # the same files, classes, skipped entries and hidden count
     assert parallel.hidden_ignored == 2 and [s["path"] for s in parallel.skipped] == ["README"]
-    assert any("below 40 prefixes, listed in parallel" in r.getMessage() for r in caplog.records)
+    assert any("below 40 prefixes, 32 at a time" in r.getMessage() for r in caplog.records)
 
 
 def test_pyarrow_lists_the_top_level_as_folders(s3_bucket):

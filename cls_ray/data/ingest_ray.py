@@ -4,8 +4,9 @@ The single-machine path (:mod:`cls_ray.data.ingest`, ``engine=pool``) lists, val
 and its pool. Here the same stages run as Ray tasks, and only the decisions stay on the driver:
 
 - **Listing**: SRC's top level is listed on the driver; every folder below it (a class folder, or a split folder's
-  class folders) is listed by its own task, all at once: S3 pages through one prefix sequentially, so prefixes are
-  the unit of parallel listing. The result is the listing :func:`cls_ray.data.scan.scan_source` would make.
+  class folders) is paged through concurrently by the driver's threads: S3 pages through one prefix sequentially,
+  so prefixes are the unit of parallel listing, and listing is waiting, not work. The result is the listing
+  :func:`cls_ray.data.scan.scan_source` would make.
 - **Validation**: chunks of ``ingest.chunk_files`` files, one task each, reserving ``ingest.task_cpus`` CPUs and
   running a :class:`~cls_ray.data.validate.ValidatorPool` of that many processes (kept alive in the Ray worker
   process between chunks), so the per-file time bound and the refusal of a file that crashes its decoder hold as
@@ -123,15 +124,18 @@ def _list_prefix(prefix: str, base: str) -> tuple[list[tuple[str, str]], int]:
     return pairs, hidden
 
 
-def _list_remote_parallel(src: str, task_options: dict[str, Any]):
-    """The listing :func:`cls_ray.data.scan._list_remote` makes, one Ray task per folder below SRC's top level
-    (and per class folder of a pre-split tree's split folders)."""
+LIST_THREADS = 32
+"""Prefixes listed at once. Listing is waiting on the store (one request per 1,000 keys), so threads of the driver
+do it: measured against Ray tasks, a task per prefix paid a worker process start for a second of waiting."""
+
+
+def _list_remote_parallel(src: str, threads: int = LIST_THREADS):
+    """The listing :func:`cls_ray.data.scan._list_remote` makes, with every folder below SRC's top level (and
+    every class folder of a pre-split tree's split folders) paged through concurrently."""
     import pyarrow.fs as pafs
-    import ray
 
     base = src.rstrip("/")
-    _, root = storage.resolve(base)
-    fs, _ = storage.resolve(base)
+    fs, root = storage.resolve(base)
 
     def children(path: str) -> list[pafs.FileInfo]:
         try:
@@ -165,31 +169,29 @@ def _list_remote_parallel(src: str, task_options: dict[str, Any]):
                     take(child)
         else:
             prefixes.append(info.path)
-    lister = ray.remote(num_cpus=0, max_retries=5)(_list_prefix)
-    refs = [
-        lister.options(name=f"cls-ray ingest: list {p[len(root) :].lstrip('/')}", **task_options).remote(
-            f"s3://{p}", base
-        )
-        for p in prefixes
-    ]
-    for prefix, ref in zip(prefixes, refs, strict=True):
-        try:
-            found, hidden_below = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            raise storage.StorageError(f"listing s3://{prefix} failed: {_cause(exc, f's3://{prefix}')}") from None
-        pairs.extend(found)
-        hidden += hidden_below
+    started = time.monotonic()
+    with ThreadPoolExecutor(max(1, min(threads, len(prefixes)))) as pool:
+        for found, hidden_below in pool.map(lambda p: _list_prefix(f"s3://{p}", base), prefixes):
+            pairs.extend(found)
+            hidden += hidden_below
     pairs.sort(key=lambda p: p[1])
-    logger.info("listed %s: %d objects below %d prefixes, listed in parallel", src, len(pairs), len(prefixes))
+    logger.info(
+        "listed %s: %d objects below %d prefixes, %d at a time, in %.1f s",
+        src,
+        len(pairs),
+        len(prefixes),
+        min(threads, len(prefixes)),
+        time.monotonic() - started,
+    )
     return pairs, [], hidden, []
 
 
-def scan_parallel(src: str, task_options: dict[str, Any]) -> ScanResult:
-    """:func:`~cls_ray.data.scan.scan_source` with the listing of an ``s3://`` SRC spread over the cluster (a local
-    SRC is listed here: one machine's directory tree)."""
+def scan_parallel(src: str) -> ScanResult:
+    """:func:`~cls_ray.data.scan.scan_source` with the folders of an ``s3://`` SRC listed concurrently (a local SRC
+    is walked as usual: one machine's directory tree)."""
     if not storage.is_remote(src):
         return scan_source(src)
-    return scan_source(src, lister=lambda s: _list_remote_parallel(s, task_options))
+    return scan_source(src, lister=_list_remote_parallel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ class RayEngine:
         self.task_cpus = max(1, min(cfg.task_cpus, int(largest)))
 
     def scan(self) -> ScanResult:
-        return scan_parallel(self.src, self.task_options)
+        return scan_parallel(self.src)
 
     def _done_chunks(self) -> dict[str, dict[str, Any]]:
         """Chunk results an earlier, interrupted run left under ``_work``, by name."""
