@@ -75,6 +75,13 @@ def parse_args() -> argparse.Namespace:
         help="model runtime of the replica and the direct baseline (onnx: the package is exported first)",
     )
     p.add_argument("--int8", action="store_true", help="with --backend onnx: serve the int8 export")
+    p.add_argument(
+        "--topology",
+        default="split",
+        choices=["split", "single"],
+        help="serve.topology: ingress and model replicas (1 CPU each by default), or one deployment whose replica "
+        "(--model-cpus + 1 CPUs) decodes and runs the model",
+    )
     p.add_argument("--fashion-mnist-dir", type=Path, default=FASHION_MNIST_DIR)
     p.add_argument("--output", help="also write the results as JSON here")
     args = p.parse_args()
@@ -216,6 +223,7 @@ def serve_config(args: argparse.Namespace, port: int, max_batch_size: int) -> Se
         max_ongoing_requests=max(64, 2 * args.max_batch_size),
         backend=args.backend,
         onnx_precision=args.precision,
+        topology=args.topology,
     )
 
 
@@ -223,6 +231,12 @@ SERVE_ROLES = {
     "proxy": "ProxyActor",
     "ingress": "ServeReplica:bench:ClassifierIngress",
     "model": "ServeReplica:bench:ClassifierModel",
+}
+"""Process titles of each role; with ``--topology single`` the one replica counts as the model (ingress: 0)."""
+SINGLE_ROLES = {
+    "proxy": "ProxyActor",
+    "ingress": "ServeReplica:bench:ClassifierIngress",
+    "model": "ServeReplica:bench:Classifier ",
 }
 
 
@@ -269,8 +283,10 @@ def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes])
     from ray import serve
 
     from cls_ray.serve.app import start_serving, stop_serving
-    from cls_ray.serve.deployment import MODEL_DEPLOYMENT
+    from cls_ray.serve.deployment import MODEL_DEPLOYMENT, SINGLE_DEPLOYMENT
 
+    if args.topology == "single":
+        SERVE_ROLES.update(SINGLE_ROLES)
     if args.direct_ingress:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's processes, so set before ray.init
     ray.init(address="local", include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
@@ -281,7 +297,8 @@ def run_serving(args: argparse.Namespace, model_uri: str, payloads: list[bytes])
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
             url = start_serving(model_uri, serve_config(args, port, args.max_batch_size))
             predict = f"{url}/v1/predict"
-            model = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name="bench")
+            name = SINGLE_DEPLOYMENT if args.topology == "single" else MODEL_DEPLOYMENT
+            model = serve.get_deployment_handle(name, app_name="bench")
             replica = replica_stats(url)["replica"]
             idle = idle_cpu_rate(args.warmup + args.duration)
             results["idle_cpu_ms_per_s"] = {role: rate * 1000 for role, rate in idle.items()}

@@ -556,6 +556,12 @@ class ServeConfig:
     Runtime (CPU execution provider; CUDA provider on GPU replicas where onnxruntime-gpu is installed)."""
     onnx_precision: Literal["fp32", "int8"] = "fp32"
     """Which recorded ONNX export the onnx backend runs: fp32, or int8 (``cls-ray export --int8``)."""
+    topology: Literal["split", "single"] = "split"
+    """``split``: an HTTP ingress deployment (decoding) in front of the model deployment (batched forward passes),
+    scaling apart, the forward pass possibly on GPUs; ``single``: one deployment whose replicas decode and run the
+    batched model themselves (one Ray hop less: less CPU and latency per request at low traffic on CPU, fewer
+    requests/s under load, docs/benchmarks.md "Serving"; it scales and sizes by the model's settings, ``num_cpus``
+    plus ``ingress_num_cpus`` per replica)."""
     ingress_min_replicas: int = 1
     ingress_max_replicas: int = 2
     """The HTTP ingress (parsing, decoding, resizing on CPU) autoscales apart from the model replicas."""

@@ -611,6 +611,57 @@ def test_write_config_builder_and_module_app(serve_port, packages, tmp_path, mon
     assert isinstance(import_attr("cls_ray.serve.app:app"), Application)
 
 
+def test_single_deployment_topology_answers_like_the_split_one_and_batches(serve_port, packages, tmp_path):
+    """``serve.topology=single``: one deployment decodes and runs the batched model in its replica; the same API
+    gives the offline answers over HTTP, concurrent requests share forward passes, and its Serve config names the
+    one deployment."""
+    from ray import serve
+
+    from cls_ray.serve.app import start_serving, stop_serving, write_serve_config
+
+    cfg = ServeConfig(
+        port=serve_port,
+        app_name="single",
+        route_prefix="/single",
+        topology="single",
+        min_replicas=1,
+        max_replicas=1,
+        num_cpus=0.5,
+        ingress_num_cpus=0.5,
+        max_batch_size=16,
+        batch_wait_timeout_s=0.05,
+    )
+    url = start_serving(packages["local"], cfg)
+    try:
+        assert set(serve.status().applications["single"].deployments) == {"Classifier"}
+        expected = offline(packages, "local")
+        paths = packages["images"]
+
+        def ask(path: Path) -> dict:
+            r = requests.post(
+                f"{url}/v1/predict?top_k=3",
+                data=path.read_bytes(),
+                headers={"Content-Type": "image/png"},
+                timeout=TIMEOUT,
+            )
+            assert r.status_code == 200, r.text
+            return r.json()["predictions"][0]
+
+        with cf.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, paths))
+        for pred, probs in zip(answers, expected, strict=True):
+            assert_top_k_matches(pred["top_k"], probs, 3)
+        stats = requests.get(f"{url}/v1/stats", timeout=TIMEOUT).json()
+        assert stats["images"] == len(paths) and stats["mean_batch_size"] > 1, stats  # batched in the one replica
+        assert requests.get(f"{url}/healthz", timeout=TIMEOUT).status_code == 200
+    finally:
+        stop_serving("single")
+    doc = yaml.safe_load(Path(write_serve_config(packages["local"], cfg, str(tmp_path / "s.yaml"))).read_text())
+    (deployment,) = doc["applications"][0]["deployments"]
+    assert deployment["name"] == "Classifier" and deployment["ray_actor_options"]["num_cpus"] == 1.0
+    assert deployment["user_config"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}
+
+
 @pytest.fixture(scope="module")
 def scale_url(serve_port, packages, tmp_path_factory):
     """The ``scale`` app, deployed from the written Serve config through the builder (as `serve run` does)."""

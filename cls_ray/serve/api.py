@@ -99,7 +99,7 @@ def _page() -> str:
 
 
 async def current_ingress() -> Any:
-    """The :class:`~cls_ray.serve.deployment.ClassifierIngress` replica serving this request."""
+    """The :class:`~cls_ray.serve.deployment.IngressReplica` serving this request (ingress or single deployment)."""
     return serve.get_replica_context().servable_object
 
 

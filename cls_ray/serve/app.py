@@ -27,7 +27,14 @@ from ray.serve import Application
 from cls_ray import ray_internals, storage
 from cls_ray.config import ConfigError, ServeConfig, load_config, section_from_dict
 from cls_ray.package import read_package_meta
-from cls_ray.serve.deployment import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ClassifierIngress, ClassifierModel
+from cls_ray.serve.deployment import (
+    INGRESS_DEPLOYMENT,
+    MODEL_DEPLOYMENT,
+    SINGLE_DEPLOYMENT,
+    ClassifierIngress,
+    ClassifierModel,
+    ClassifierServer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,20 @@ def ingress_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def single_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve options of the one deployment of ``serve.topology=single``: the model's scaling and batching, the
+    CPUs of a model and an ingress replica together."""
+    options = model_deployment_options(cfg)
+    options["name"] = SINGLE_DEPLOYMENT
+    options["ray_actor_options"] = {"num_cpus": cfg.num_cpus + cfg.ingress_num_cpus, "num_gpus": cfg.num_gpus}
+    return options
+
+
 def build_application(model_uri: str, cfg: ServeConfig) -> Application:
-    """The Serve application (ingress over model deployment) of a model package; nothing is loaded yet."""
+    """The Serve application of a model package (ingress over model deployment, or the one deployment of
+    ``serve.topology=single``); nothing is loaded yet."""
+    if cfg.topology == "single":
+        return ClassifierServer.options(**single_deployment_options(cfg)).bind(model_uri, dataclasses.asdict(cfg))
     model = ClassifierModel.options(**model_deployment_options(cfg)).bind(
         model_uri, use_gpu=cfg.num_gpus > 0, amp=cfg.amp, backend=cfg.backend, precision=cfg.onnx_precision
     )
@@ -122,10 +141,10 @@ def serve_config_dict(model_uri: str, cfg: ServeConfig) -> dict[str, Any]:
     """The Serve config (``serve deploy`` / RayService ``serveConfigV2``) of a model package."""
     args = {"model_uri": model_uri}
     args.update({k: v for k, v in dataclasses.asdict(cfg).items() if k not in HTTP_LEVEL_FIELDS})
-    deployments = []
-    for options in (model_deployment_options(cfg), ingress_deployment_options(cfg)):
-        deployments.append({k: v for k, v in options.items() if k != "user_config"})
-    deployments[0]["user_config"] = model_deployment_options(cfg)["user_config"]
+    if cfg.topology == "single":
+        deployments = [single_deployment_options(cfg)]
+    else:
+        deployments = [model_deployment_options(cfg), ingress_deployment_options(cfg)]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},

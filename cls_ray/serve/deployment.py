@@ -1,8 +1,9 @@
-"""The two Ray Serve deployments: the model replicas (dynamic batching) and the HTTP ingress in front of them.
+"""The Ray Serve deployments: the model replicas (dynamic batching) and the HTTP ingress in front of them.
 
 The ingress parses requests and decodes/resizes images on CPU; the model deployment receives one preprocessed
 uint8 image per call and ``@serve.batch`` groups concurrent calls (from all requests and ingress replicas) into one
-forward pass. The two scale apart: decoding is CPU work, the forward pass may sit on a GPU.
+forward pass. The two scale apart: decoding is CPU work, the forward pass may sit on a GPU. ``serve.topology=
+single`` puts both in one deployment (:class:`ClassifierServer`): the same API and batching, one Ray hop less.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_DEPLOYMENT = "ClassifierModel"
 INGRESS_DEPLOYMENT = "ClassifierIngress"
+SINGLE_DEPLOYMENT = "Classifier"
+"""``serve.topology=single``: ingress and model in one deployment (:class:`ClassifierServer`)."""
 DECODE_STATUS = {"too_many_pixels": 413, "not_an_image": 415}
 """HTTP status per :class:`ImageDecodeError` reason; every other reason (corrupt, empty, ...) is a 422."""
 
@@ -104,13 +107,13 @@ def decode_error(exc: ImageDecodeError, index: int) -> RequestError:
     return RequestError(DECODE_STATUS.get(exc.reason, 422), exc.reason, f"image {index}: {exc}", index)
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT)
-@serve.ingress(create_api)  # a builder: Serve calls it on each replica, whose routes then read this object
-class ClassifierIngress:
-    """HTTP ingress: the FastAPI app of :mod:`cls_ray.serve.api` over the model deployment.
+class IngressReplica:
+    """What the FastAPI app of :mod:`cls_ray.serve.api` reads on its replica: config, model metadata, request
+    checks, decoding, and :meth:`probabilities` through the model deployment (:class:`ClassifierIngress`), or
+    through the model in the same replica (:class:`ClassifierServer`).
 
     Args:
-        model: handle of the :class:`ClassifierModel` deployment.
+        model: handle of the :class:`ClassifierModel` deployment (None in :class:`ClassifierServer`).
         model_uri: the same package (only its ``model.json`` is read here).
         config: the :class:`ServeConfig` fields, as a dict.
     """
@@ -189,3 +192,50 @@ class ClassifierIngress:
             "max_images": self.cfg.max_images,
             "max_request_bytes": self.cfg.max_request_bytes,
         }
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(create_api)  # a builder: Serve calls it on each replica, whose routes then read this object
+class ClassifierIngress(IngressReplica):
+    """HTTP ingress: the FastAPI app of :mod:`cls_ray.serve.api` over the model deployment (``model``, a handle of
+    :class:`ClassifierModel`)."""
+
+
+@serve.deployment(name=SINGLE_DEPLOYMENT)
+@serve.ingress(create_api)
+class ClassifierServer(IngressReplica):
+    """``serve.topology=single``: the HTTP API of :class:`ClassifierIngress` and the batched model of
+    :class:`ClassifierModel` in one replica. Requests of the replica are batched together by the same
+    ``@serve.batch`` method, called in process instead of through a deployment handle.
+
+    Args:
+        model_uri: model package, local path or s3:// URI.
+        config: the :class:`ServeConfig` fields, as a dict.
+    """
+
+    def __init__(self, model_uri: str, config: dict[str, Any]):
+        super().__init__(None, model_uri, config)  # type: ignore[arg-type]  # no model handle: the model is here
+        cfg = self.cfg
+        torch.set_num_threads(max(1, int(cfg.num_cpus)))  # the model's share; decoding has the rest
+        model_class = ClassifierModel.func_or_class
+        self.local_model = model_class(
+            model_uri, use_gpu=cfg.num_gpus > 0, amp=cfg.amp, backend=cfg.backend, precision=cfg.onnx_precision
+        )
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.local_model.reconfigure(user_config)
+
+    async def probabilities(self, images: list[bytes]) -> np.ndarray:
+        arrays = await run_in_threadpool(self._preprocess_all, images)
+        calls = [self.local_model.predict(arr) for arr in arrays]
+        try:
+            rows = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.cfg.request_timeout_s)
+        except TimeoutError:
+            raise RequestError(503, "model_timeout", "the model did not answer in time; retry") from None
+        return np.stack(rows)
+
+    async def model_stats(self) -> dict[str, Any]:
+        return self.local_model.stats()
+
+    async def model_ready(self, timeout_s: float = 5.0) -> bool:
+        return self.local_model.ready()
