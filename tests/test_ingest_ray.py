@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from conftest import PILLOW_IMAGES, write_digits_folders
+from test_ingest import crash_or_hang  # a real segfault and hang on two named files
 
 from cls_ray import storage
 from cls_ray.config import ConfigError, IngestConfig
@@ -34,15 +34,6 @@ from cls_ray.data.validate import EncodeOptions, validate_file
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-
-
-def crash_or_hang(uri: str, opts: EncodeOptions) -> dict:
-    """Worker function: a real segfault and a real hang on two named files (imported by the cluster's workers)."""
-    if uri.endswith("crash.png"):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if uri.endswith("hang.png"):
-        time.sleep(3600)
-    return validate_file(uri, opts)
 
 
 def slow_validate(uri: str, opts: EncodeOptions) -> dict:

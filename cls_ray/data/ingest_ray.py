@@ -43,7 +43,7 @@ from typing import Any
 from cls_ray import storage
 from cls_ray.config import IngestConfig
 from cls_ray.data.parquet import Row, ShardWriter, plan_shards
-from cls_ray.data.scan import IngestError, ScanResult, is_hidden, scan_source
+from cls_ray.data.scan import IngestError, ScanResult, is_hidden, list_below, scan_source
 from cls_ray.data.split import SPLITS, Item, shard_order
 from cls_ray.data.validate import EncodeOptions, ValidatorPool, validate_file
 
@@ -109,21 +109,6 @@ def confirm_engine(cfg: IngestConfig, engine: str, why: str, files: int) -> tupl
 # Listing
 
 
-def _list_prefix(prefix: str, base: str) -> tuple[list[tuple[str, str]], int]:
-    """Every object below ``prefix``: ``(uri, path relative to SRC)`` pairs and the number of hidden ones."""
-    _, root = storage.resolve(base.rstrip("/"))
-    pairs, hidden = [], 0
-    for info in storage.list_files(prefix):
-        rel = info.path[len(root) :].lstrip("/")
-        if not rel:
-            continue
-        if is_hidden(rel):
-            hidden += 1
-            continue
-        pairs.append((f"{base.rstrip('/')}/{rel}", rel))
-    return pairs, hidden
-
-
 LIST_THREADS = 32
 """Prefixes listed at once. Listing is waiting on the store (one request per 1,000 keys), so threads of the driver
 do it: measured against Ray tasks, a task per prefix paid a worker process start for a second of waiting."""
@@ -171,7 +156,7 @@ def _list_remote_parallel(src: str, threads: int = LIST_THREADS):
             prefixes.append(info.path)
     started = time.monotonic()
     with ThreadPoolExecutor(max(1, min(threads, len(prefixes)))) as pool:
-        for found, hidden_below in pool.map(lambda p: _list_prefix(f"s3://{p}", base), prefixes):
+        for found, hidden_below in pool.map(lambda p: list_below(base, f"s3://{p}"), prefixes):
             pairs.extend(found)
             hidden += hidden_below
     pairs.sort(key=lambda p: p[1])

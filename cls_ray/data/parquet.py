@@ -49,7 +49,6 @@ class Row:
 @dataclass
 class _Batch:
     rows: list[Row] = field(default_factory=list)
-    nbytes: int = 0
 
     def table(self) -> pa.Table:
         columns = (
@@ -171,7 +170,6 @@ class ShardWriter:
     def write(self, row: Row) -> None:
         """Append one row."""
         self._batch.rows.append(row)
-        self._batch.nbytes += len(row.image)
         if self._cuts.add(len(row.image)):
             self._flush()
 

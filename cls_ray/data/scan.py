@@ -130,19 +130,26 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _list_remote(src: str) -> _Listing:
-    prefix = src.rstrip("/")
-    _, base = storage.resolve(prefix)
+def list_below(src: str, prefix: str | None = None) -> tuple[list[tuple[str, str]], int]:
+    """Every object below ``prefix`` (default: all of the ``s3://`` SRC): ``(uri, path relative to SRC)`` pairs,
+    hidden ones left out, and how many were hidden."""
+    base = src.rstrip("/")
+    _, root = storage.resolve(base)
     pairs: list[tuple[str, str]] = []
     hidden = 0
-    for info in storage.list_files(prefix):
-        rel = info.path[len(base) :].lstrip("/")
+    for info in storage.list_files(prefix or base):
+        rel = info.path[len(root) :].lstrip("/")
         if not rel:
             continue
         if is_hidden(rel):
             hidden += 1
             continue
-        pairs.append((f"{prefix}/{rel}", rel))
+        pairs.append((f"{base}/{rel}", rel))
+    return pairs, hidden
+
+
+def _list_remote(src: str) -> _Listing:
+    pairs, hidden = list_below(src)
     pairs.sort(key=lambda p: p[1])
     return pairs, [], hidden, []
 

@@ -158,10 +158,14 @@ class IngressReplica:
                 raise RequestError(422, "decoder_error", f"image {i}: the decoder failed on this file", i) from None
         return arrays
 
+    def _predict(self, array: np.ndarray) -> Any:
+        """The awaitable probabilities of one preprocessed image: a call of the model deployment."""
+        return self.model.predict.remote(array)
+
     async def probabilities(self, images: list[bytes]) -> np.ndarray:
-        """Decode and resize the images here, score them on the model replicas; (N, C) probabilities."""
+        """Decode and resize the images here, score them on the model (batched); (N, C) probabilities."""
         arrays = await run_in_threadpool(self._preprocess_all, images)
-        calls = [self.model.predict.remote(arr) for arr in arrays]
+        calls = [self._predict(arr) for arr in arrays]
         try:
             rows = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.cfg.request_timeout_s)
         except TimeoutError:
@@ -225,14 +229,8 @@ class ClassifierServer(IngressReplica):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.local_model.reconfigure(user_config)
 
-    async def probabilities(self, images: list[bytes]) -> np.ndarray:
-        arrays = await run_in_threadpool(self._preprocess_all, images)
-        calls = [self.local_model.predict(arr) for arr in arrays]
-        try:
-            rows = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.cfg.request_timeout_s)
-        except TimeoutError:
-            raise RequestError(503, "model_timeout", "the model did not answer in time; retry") from None
-        return np.stack(rows)
+    def _predict(self, array: np.ndarray) -> Any:
+        return self.local_model.predict(array)  # the same @serve.batch method, in process
 
     async def model_stats(self) -> dict[str, Any]:
         return self.local_model.stats()
