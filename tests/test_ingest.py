@@ -252,15 +252,51 @@ def crash_or_hang(uri: str, opts: EncodeOptions) -> dict:
     return validate_file(uri, opts)
 
 
-def test_crashed_or_hung_worker_refuses_only_that_file(small_digits):
-    files = sorted(str(p) for p in (small_digits / "digit_5").iterdir())[:10]
-    uris = files[:4] + ["/x/crash.png"] + files[4:8] + ["/x/hang.png"] + files[8:]
+@pytest.mark.parametrize("files_per_task", [1, 8])
+def test_crashed_or_hung_worker_refuses_only_that_file(small_digits, files_per_task):
+    """One file per task, and 8 files per task (the default batching): a task that crashes or hangs is run again a
+    file at a time, so only the crashing and the hanging file are refused and every other file is validated."""
+    files = sorted(str(p) for p in small_digits.rglob("*.png"))
+    uris = files[:50] + ["/x/crash.png"] + files[50:120] + ["/x/hang.png"] + files[120:]
     opts = EncodeOptions(10**7, 512, 90)
     started = time.monotonic()
-    results = dict(validate_files(uris, opts, 2, timeout_s=5.0, validate=crash_or_hang))
+    yielded = list(validate_files(uris, opts, 2, timeout_s=5.0, validate=crash_or_hang, files_per_task=files_per_task))
     assert time.monotonic() - started < 60
-    assert results[4]["reason"] == "decoder_crash" and results[9]["reason"] == "timeout"
-    assert all("sha256" in results[i] for i in range(len(uris)) if i not in (4, 9))
+    assert sorted(i for i, _ in yielded) == list(range(len(uris)))  # every file exactly once
+    results = dict(yielded)
+    assert results[50]["reason"] == "decoder_crash" and results[121]["reason"] == "timeout"
+    assert all("sha256" in results[i] for i in range(len(uris)) if i not in (50, 121))
+    assert results[0] == validate_file(uris[0], opts)
+
+
+def test_kept_jpegs_are_checked_by_their_luma_plane_as_strictly_as_by_a_full_decode(tmp_path):
+    """Every JPEG among Pillow's test images (truncated, corrupt, odd markers, EXIF, CMYK, grayscale, MPO), through
+    the pool both ways: the luma-only decode of files kept as they are refuses exactly what a full RGB decode
+    refuses, records the same facts, and gives the same perceptual hash (tiny images aside)."""
+    jpegs = sorted(str(p) for p in PILLOW_IMAGES.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".mpo"))
+    assert len(jpegs) > 50
+    luma = dict(validate_files(jpegs, EncodeOptions(10**8, 4096, 90, phash=True), 2, timeout_s=60.0))
+    full = dict(validate_files(jpegs, EncodeOptions(10**8, 4096, 90, phash=True, luma_jpeg=False), 2, timeout_s=60))
+    compared = 0
+    for i, uri in enumerate(jpegs):
+        a, b = luma[i], full[i]
+        assert a.get("reason") == b.get("reason"), uri
+        if "reason" in a:
+            continue
+        assert {k: v for k, v in a.items() if k != "phash"} == {k: v for k, v in b.items() if k != "phash"}, uri
+        if a["encoding"] == "original" and min(a["width"], a["height"]) >= 32:
+            distance = sum(bin(x ^ y).count("1") for x, y in zip(a["phash"], b["phash"], strict=True))
+            assert distance <= 4, (uri, distance)
+            compared += 1
+    assert compared >= 20 and sum("reason" in r for r in luma.values()) >= 2  # both kinds really seen
+
+    from cls_ray.data.images import inspect_image
+
+    data = (PILLOW_IMAGES / "flower.jpg").read_bytes()
+    checked = inspect_image(data, 10**8, keep_jpeg_side=4096)
+    assert checked.luma_only and checked.image.mode == "L" and checked.size == (480, 360)
+    assert not inspect_image(data, 10**8, keep_jpeg_side=400).luma_only  # too large to keep: fully decoded
+    assert not inspect_image(data, 10**8).luma_only
 
 
 def test_duplicates_and_label_conflicts(small_digits, tmp_path):

@@ -50,7 +50,7 @@ class DecodedImage:
     """A validated image and the facts about its source that decide whether its bytes can be kept as they are."""
 
     image: Image.Image
-    """The fully decoded RGB image, EXIF orientation applied, alpha flattened on white."""
+    """The fully decoded RGB image, EXIF orientation applied, alpha flattened on white (but see ``luma_only``)."""
     format: str
     """Pillow's name of the source format (``JPEG``, ``PNG``, ``GIF``...)."""
     source_mode: str
@@ -61,10 +61,26 @@ class DecodedImage:
     """EXIF orientation rotated or flipped the image."""
     flattened: bool
     """An alpha channel or transparency key was composited on white."""
+    size: tuple[int, int]
+    """The image's width and height (after EXIF orientation)."""
+    luma_only: bool = False
+    """``image`` is the JPEG's luma plane alone (grayscale), not the RGB image (``inspect_image``'s
+    ``keep_jpeg_side``)."""
 
 
-def inspect_image(data: bytes, max_pixels: int) -> DecodedImage:
+def inspect_image(data: bytes, max_pixels: int, keep_jpeg_side: int | None = None) -> DecodedImage:
     """Fully decode ``data`` to RGB (see :func:`decode_image`) and report what the source was.
+
+    With ``keep_jpeg_side``, a JPEG whose bytes can be stored as they are (RGB or grayscale, no EXIF rotation, no
+    side above ``keep_jpeg_side``: ingest keeps such files unchanged) is decoded by libjpeg to its luma plane only
+    (``luma_only``). libjpeg still entropy-decodes every coefficient of every component, so a truncated or corrupt
+    stream fails exactly as in a full decode; only the chroma planes' inverse DCT, upsampling and colour conversion,
+    which cannot fail, are skipped, and no RGB copies are made. That decode is what ingest validates such a file
+    with, and it is the grayscale image a perceptual hash reads (the same one, to a rounding, as Pillow's
+    ``convert("L")`` of the RGB decode: libjpeg's luma and Pillow's grayscale use the same ITU-R 601 weights).
+    A DCT-scaled decode (``Image.draft`` with a size) would save another quarter of the decode but low-passes
+    differently from the hash's box filter: measured, it moved the hash of the same JPEG by a median 12 and up to
+    38 of 256 bits, against 0 bits (99th percentile) for this full-size luma decode.
 
     Raises:
         ImageDecodeError: empty data, not an image, truncated/corrupt, too many pixels, or a decoder failure.
@@ -77,7 +93,7 @@ def inspect_image(data: bytes, max_pixels: int) -> DecodedImage:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)  # e.g. "Palette images with Transparency expressed in bytes"
         try:
-            return _decode(data, max_pixels)
+            return _decode(data, max_pixels, keep_jpeg_side)
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -100,7 +116,7 @@ def inspect_image(data: bytes, max_pixels: int) -> DecodedImage:
             raise ImageDecodeError("decoder_error", f"the decoder failed: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(data: bytes, max_pixels: int) -> DecodedImage:
+def _decode(data: bytes, max_pixels: int, keep_jpeg_side: int | None) -> DecodedImage:
     img = Image.open(io.BytesIO(data))
     fmt = img.format or "unknown"
     width, height = img.size
@@ -108,6 +124,17 @@ def _decode(data: bytes, max_pixels: int) -> DecodedImage:
         raise ImageDecodeError("corrupt", f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageDecodeError("too_many_pixels", f"{width}x{height} exceeds the pixel limit of {max_pixels}")
+    if (
+        keep_jpeg_side is not None
+        and fmt == "JPEG"  # one frame: Pillow names a multi-frame JPEG "MPO"
+        and img.mode in ("RGB", "L")
+        and max(width, height) <= keep_jpeg_side
+        and img.getexif().get(0x0112, 1) in (None, 0, 1)
+    ):
+        source_mode = img.mode
+        img.draft("L", None)  # libjpeg's output colour space: grayscale, i.e. the luma plane
+        img.load()
+        return DecodedImage(img, fmt, source_mode, 1, False, False, (width, height), luma_only=True)
     n_frames = int(getattr(img, "n_frames", 1) or 1)
     img.seek(0)  # multi-frame images (GIF, APNG, WebP, TIFF pages): the first frame
     img.load()
@@ -118,7 +145,7 @@ def _decode(data: bytes, max_pixels: int) -> DecodedImage:
     rgb.load()
     if rgb.size[0] * rgb.size[1] > max_pixels:  # a frame or page larger than the header said
         raise ImageDecodeError("too_many_pixels", f"{rgb.size[0]}x{rgb.size[1]} exceeds the pixel limit")
-    return DecodedImage(rgb, fmt, source_mode, n_frames, orientation not in (None, 0, 1), flattened)
+    return DecodedImage(rgb, fmt, source_mode, n_frames, orientation not in (None, 0, 1), flattened, rgb.size)
 
 
 def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:

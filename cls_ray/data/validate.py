@@ -13,6 +13,7 @@ was lossless, so no new compression artefacts are added to a lossless source.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import logging
@@ -36,6 +37,9 @@ KEEPABLE_FORMATS = ("JPEG", "PNG")
 KEEPABLE_MODES = ("RGB", "L")
 LOSSY_FORMATS = frozenset({"JPEG", "MPO", "WEBP", "JPEG2000", "AVIF", "HEIF", "DDS", "BLP", "FPX", "MIC"})
 _ENV_PREFIXES = ("AWS_", "CLS_RAY_")
+FILES_PER_TASK = 16
+"""Files a validation task carries at most (:class:`ValidatorPool`): 16 small JPEGs cost ~5 ms, so the round trip
+to the worker is amortised, and a task that fails costs little to redo a file at a time."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class EncodeOptions:
     jpeg_quality: int
     phash: bool = False
     """Also take the image's perceptual hash (``ingest.near_duplicates``), from the image just decoded."""
+    luma_jpeg: bool = True
+    """Validate a JPEG that is kept as it is by decoding its luma plane only (``images.inspect_image``'s
+    ``keep_jpeg_side``); off, every file is fully decoded to RGB (the tests compare the two)."""
     return_original: bool = True
     """Return the bytes of a file kept as it is (``image``); off, ``image`` is None for such a file and the shard
     writer reads it again from the source (the Ray engine: no image bytes travel back from its workers)."""
@@ -74,7 +81,14 @@ def _read(uri: str, limit: int) -> bytes:
     if size > limit:
         raise _TooLarge(size)
     with open(path, "rb") as f:
-        return f.read(limit + 1)
+        # read(n) allocates n bytes up front: ask for the size just seen (and then the rest, up to the limit, of a
+        # file that grew since), not the limit, or every read maps and unmaps ~0.5 GB
+        data = f.read(size + 1)
+        if len(data) > size:
+            data += f.read(limit + 1 - len(data))
+    if len(data) > limit:
+        raise _TooLarge(len(data))
+    return data
 
 
 def _encode(decoded: Any, opts: EncodeOptions) -> tuple[bytes, str, bool]:
@@ -117,7 +131,9 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         return {"reason": "unreadable", "detail": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     digest = hashlib.sha256(data).hexdigest()
     try:
-        decoded = inspect_image(data, opts.max_pixels)
+        # A JPEG stored as it is is checked by decoding its luma plane only: the same check of every coefficient,
+        # without the RGB conversion and copies, and the grayscale image the hash reads (images.inspect_image)
+        decoded = inspect_image(data, opts.max_pixels, keep_jpeg_side=opts.max_side if opts.luma_jpeg else None)
     except ImageDecodeError as exc:
         return {"reason": exc.reason, "detail": str(exc)[:300], "sha256": digest}
     keep = (
@@ -126,8 +142,9 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
         and decoded.n_frames == 1
         and not decoded.transposed
         and not decoded.flattened
-        and max(decoded.image.size) <= opts.max_side
+        and max(decoded.size) <= opts.max_side
     )
+    assert keep or not decoded.luma_only, "a luma-only decode is only made of a file kept as it is"
     if keep:
         image, kind, resized = data, "original", False
     else:
@@ -135,7 +152,7 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
             image, kind, resized = _encode(decoded, opts)
         except (OSError, ValueError) as exc:
             return {"reason": "encode_error", "detail": f"re-encoding failed: {exc}"[:300], "sha256": digest}
-    width, height = Image.open(io.BytesIO(image)).size if resized else decoded.image.size
+    width, height = Image.open(io.BytesIO(image)).size if resized else decoded.size
     extra = {}
     if opts.phash:
         from cls_ray.data.near_duplicates import perceptual_hash
@@ -167,18 +184,23 @@ def _init_worker(env: dict[str, str], quiet: bool) -> None:
         os.close(devnull)
 
 
-def _failure(future: Any, timeout_s: float) -> dict[str, Any]:
-    try:
-        return future.result()
-    except FutureTimeout:
+def validate_many(
+    validate: Callable[[str, EncodeOptions], dict[str, Any]], uris: Sequence[str], opts: EncodeOptions
+) -> list[dict[str, Any]]:
+    """One pool task: ``validate`` over a few files, in a worker process."""
+    return [validate(uri, opts) for uri in uris]
+
+
+def _refusal(exc: BaseException, timeout_s: float) -> dict[str, Any]:
+    """The refusal of a file whose task failed on its own: timed out, crashed its worker, or raised."""
+    if isinstance(exc, FutureTimeout):
         return {"reason": "timeout", "detail": f"validation took longer than {timeout_s:g} s (ingest.file_timeout_s)"}
-    except ProcessExpired as exc:
+    if isinstance(exc, ProcessExpired):
         return {
             "reason": "decoder_crash",
             "detail": f"the decoder crashed its worker process (exit code {exc.exitcode})",
         }
-    except Exception as exc:  # noqa: BLE001 - any other worker failure refuses this one file only
-        return {"reason": "decoder_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"reason": "decoder_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 class ValidatorPool:
@@ -187,11 +209,18 @@ class ValidatorPool:
     ``decoder_crash``; the pool replaces the lost worker and goes on. Reusable across batches of files (the Ray
     engine keeps one per Ray worker process, :mod:`cls_ray.data.ingest_ray`).
 
+    Files travel to the workers a few at a time (``files_per_task``): one task per file spent more on the round trip
+    to the worker than on validating a small JPEG (docs/benchmarks.md, "Ingest"). A task that times out, crashes its
+    worker or raises is run again one file per task, so the bound and the refusal still apply to the one file that
+    caused them; the others are validated again, and only a file that fails on its own is refused.
+
     Args:
         num_workers: worker processes.
-        timeout_s: per-file time bound.
+        timeout_s: per-file time bound (also the bound of a task of several files, which is then retried a file at
+            a time).
         validate: the per-file function run in the workers (a module-level function).
         quiet: silence the workers' stderr (C decoders' warnings about broken files).
+        files_per_task: the most files one task carries (fewer when there are few files per worker).
     """
 
     def __init__(
@@ -201,31 +230,46 @@ class ValidatorPool:
         *,
         validate: Callable[[str, EncodeOptions], dict[str, Any]] = validate_file,
         quiet: bool = True,
+        files_per_task: int = FILES_PER_TASK,
     ) -> None:
         env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
         context = multiprocessing.get_context("forkserver")
         # Imported once in the fork server (when this process starts it), not again in every worker.
         context.set_forkserver_preload(["cls_ray.data.validate", "cls_ray.data.near_duplicates"])
         self.num_workers, self.timeout_s, self.validate = num_workers, timeout_s, validate
+        self.files_per_task = files_per_task
         self._pool = ProcessPool(
             max_workers=num_workers, context=context, initializer=_init_worker, initargs=(env, quiet)
         )
 
     def run(self, uris: Sequence[str], opts: EncodeOptions) -> Iterator[tuple[int, dict]]:
         """Validate ``uris``; yields ``(index, result)`` as files finish (any order)."""
-        window = max(64, self.num_workers * 16)  # bounded in-flight work: results hold image bytes
-        finished: queue.SimpleQueue = queue.SimpleQueue()  # futures arrive here as they finish, O(1) per file
-        pending: dict[Any, int] = {}
-        index = 0
+        # a few tasks per worker at least, so that the last ones finish together
+        size = max(1, min(self.files_per_task, len(uris) // (self.num_workers * 8)))
+        todo = collections.deque((a, min(a + size, len(uris))) for a in range(0, len(uris), size))
+        window = max(8, self.num_workers * 4)  # bounded in-flight work: results hold image bytes
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # futures arrive here as they finish, O(1) per task
+        pending: dict[Any, tuple[int, int]] = {}
         try:
-            while index < len(uris) or pending:
-                while index < len(uris) and len(pending) < window:
-                    future = self._pool.schedule(self.validate, args=(uris[index], opts), timeout=self.timeout_s)
-                    pending[future] = index
+            while todo or pending:
+                while todo and len(pending) < window:
+                    a, b = todo.popleft()
+                    future = self._pool.schedule(
+                        validate_many, args=(self.validate, uris[a:b], opts), timeout=self.timeout_s
+                    )
+                    pending[future] = (a, b)
                     future.add_done_callback(finished.put)
-                    index += 1
                 future = finished.get()
-                yield pending.pop(future), _failure(future, self.timeout_s)
+                a, b = pending.pop(future)
+                try:
+                    results = future.result()
+                except Exception as exc:  # noqa: BLE001 - any worker failure refuses at most the file that caused it
+                    if b - a > 1:  # which file? each again on its own, first in line
+                        todo.extendleft((i, i + 1) for i in reversed(range(a, b)))
+                        continue
+                    results = [_refusal(exc, self.timeout_s)]
+                for k, result in enumerate(results):
+                    yield a + k, result
         finally:
             for future in pending:  # an abandoned run leaves no work behind in a reused pool
                 future.cancel()
@@ -249,8 +293,9 @@ def validate_files(
     *,
     validate: Callable[[str, EncodeOptions], dict[str, Any]] = validate_file,
     quiet: bool = True,
+    files_per_task: int = FILES_PER_TASK,
 ) -> Iterator[tuple[int, dict]]:
     """Validate ``uris`` in ``num_workers`` processes (a :class:`ValidatorPool` for this call); yields
     ``(index, result)`` as files finish (any order)."""
-    with ValidatorPool(num_workers, timeout_s, validate=validate, quiet=quiet) as pool:
+    with ValidatorPool(num_workers, timeout_s, validate=validate, quiet=quiet, files_per_task=files_per_task) as pool:
         yield from pool.run(uris, opts)
