@@ -7,6 +7,9 @@ each name with ``ray_`` (a counter also gains ``_total``):
 Training, per epoch and worker (tags ``run``, ``rank``), gauges:
   ``cls_ray_train_epoch``, ``cls_ray_train_images_per_second``, ``cls_ray_train_data_wait_fraction``,
   ``cls_ray_train_loss``, ``cls_ray_train_val_top1`` (after evaluation epochs).
+Ingest on a cluster (``ingest.engine=ray``), set by the driver (tags ``dataset``: DEST, ``stage``):
+  ``cls_ray_ingest_files``, gauge: files ``listed``, ``validated`` (kept or refused), ``refused`` and ``written``
+  (rows in finished shards) so far.
 Serving:
   ``cls_ray_serve_requests`` (counter; tags ``route``, ``status``): every HTTP response of the ingress;
   ``cls_ray_serve_batch_size`` (histogram): images per model forward pass;
@@ -67,6 +70,26 @@ def record_epoch(run: str, rank: int, metrics: dict[str, Any]) -> None:
                 gauge.set(float(value), tags=tags)
 
     _guard("training", record)
+
+
+def record_ingest(dataset: str, counts: dict[str, int]) -> None:
+    """Set the ingest progress gauges of ``dataset`` from ``counts`` (``{stage: files}``, any subset of stages)."""
+
+    def record() -> None:
+        from ray.util.metrics import Gauge
+
+        gauge = _get(
+            "ingest",
+            lambda: Gauge(
+                "cls_ray_ingest_files",
+                description="Files of a cluster ingest listed, validated, refused and written so far, by stage.",
+                tag_keys=("dataset", "stage"),
+            ),
+        )
+        for stage, files in counts.items():
+            gauge.set(float(files), tags={"dataset": dataset, "stage": stage})
+
+    _guard("ingest", record)
 
 
 def record_request(route: str, status: int) -> None:

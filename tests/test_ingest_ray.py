@@ -20,7 +20,8 @@ import botocore.config
 import pyarrow.fs as pafs
 import pytest
 import ray
-from conftest import PILLOW_IMAGES, write_digits_folders
+from conftest import PILLOW_IMAGES, prometheus_samples, ray_metrics_text, write_digits_folders
+from test_ingest import _NOT_READ as NOT_READ  # refusals made by the listing, before any file is read
 from test_ingest import crash_or_hang  # a real segfault and hang on two named files
 
 from cls_ray import storage
@@ -195,6 +196,20 @@ def test_cluster_ingest_equals_the_single_machine_dataset(cluster, odd_source, c
     assert ray_objects == pool_objects  # manifest and every shard, byte for byte
     assert "on 2 node(s)" in _nodes_line(caplog)  # both nodes validated chunks
     assert any("ingest engine: ray (ingest.engine=ray)" in r.getMessage() for r in caplog.records)
+
+    # The job's progress reached the Ray dashboard's metrics (the head node's Prometheus endpoint)
+    want = {
+        "listed": on_ray["counts"]["files"],
+        "validated": on_ray["counts"]["files"],
+        "refused": sum(1 for s in on_ray["skipped"] if s["reason"] not in NOT_READ),
+        "written": sum(s["num_rows"] for s in on_ray["splits"].values()),
+    }
+    deadline, seen = time.monotonic() + 60, {}
+    while seen != want and time.monotonic() < deadline:
+        samples = prometheus_samples(ray_metrics_text(), "ray_cls_ray_ingest_files")
+        seen = {lab["stage"]: int(v) for lab, v in samples if lab.get("dataset") == f"{bucket}/ray"}
+        time.sleep(1)
+    assert seen == want
 
 
 def _chunk_results(dest: str) -> int:

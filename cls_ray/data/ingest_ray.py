@@ -288,6 +288,7 @@ class RayEngine:
         self.src, self.dest, self.cfg, self.validate = src, dest, cfg, validate
         self.work = storage.join(dest, WORK_DIR)
         self.nodes: dict[str, int] = {}
+        self.counts = {"listed": 0, "validated": 0, "refused": 0, "written": 0}
         local = not cfg.shared_filesystem and not (storage.is_remote(src) and storage.is_remote(dest))
         self.task_options: dict[str, Any] = {}
         if local:
@@ -303,7 +304,16 @@ class RayEngine:
         self.task_cpus = max(1, min(cfg.task_cpus, int(largest)))
 
     def scan(self) -> ScanResult:
-        return scan_parallel(self.src)
+        scan = scan_parallel(self.src)
+        self._progress(listed=len(scan.files))
+        return scan
+
+    def _progress(self, **counts: int) -> None:
+        """The job's progress in the Ray dashboard: the ``cls_ray_ingest_files`` gauges (:mod:`cls_ray.telemetry`)."""
+        from cls_ray import telemetry
+
+        self.counts.update(counts)
+        telemetry.record_ingest(self.dest, self.counts)
 
     def _done_chunks(self) -> dict[str, dict[str, Any]]:
         """Chunk results an earlier, interrupted run left under ``_work``, by name."""
@@ -385,6 +395,8 @@ class RayEngine:
 
     def _facts(self, chunk: Chunk, facts: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
         size = self.cfg.chunk_files
+        refused = sum("reason" in record for record in facts)
+        self._progress(validated=self.counts["validated"] + len(facts), refused=self.counts["refused"] + refused)
         for row, record in enumerate(facts):
             result = dict(record)
             if "phash" in result:
@@ -453,6 +465,7 @@ class RayEngine:
                             raise IngestError(str(cause)) from None
                         raise IngestError(f"writing the {split} shards failed: {_cause(exc, self.dest)}") from None
                     bar.update(shards[-1]["num_rows"])
+                    self._progress(written=self.counts["written"] + shards[-1]["num_rows"])
                 counts = [sum(s["class_counts"][i] for s in shards) for i in range(num_classes)]
                 out[split] = {"num_rows": sum(counts), "class_counts": counts, "shards": shards}
                 logger.info("wrote %s: %d rows in %d shards", split, out[split]["num_rows"], len(shards))
