@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ KEEPABLE_MODES = ("RGB", "L")
 LOSSY_FORMATS = frozenset({"JPEG", "MPO", "WEBP", "JPEG2000", "AVIF", "HEIF", "DDS", "BLP", "FPX", "MIC"})
 _ENV_PREFIXES = ("AWS_", "CLS_RAY_")
 FILES_PER_TASK = 16
-"""Files a validation task carries at most (:class:`ValidatorPool`): 16 small JPEGs cost ~5 ms, so the round trip
-to the worker is amortised, and a task that fails costs little to redo a file at a time."""
+"""Files a validation task carries at most (:class:`ValidatorPool`)."""
+TASK_SECONDS = 0.05
+"""What a task of several files should take: long enough to amortise the round trip to the worker (~0.2 ms), short
+enough that a task of files which are each within the time bound never reaches it together."""
 
 
 @dataclass(frozen=True)
@@ -186,9 +189,12 @@ def _init_worker(env: dict[str, str], quiet: bool) -> None:
 
 def validate_many(
     validate: Callable[[str, EncodeOptions], dict[str, Any]], uris: Sequence[str], opts: EncodeOptions
-) -> list[dict[str, Any]]:
-    """One pool task: ``validate`` over a few files, in a worker process."""
-    return [validate(uri, opts) for uri in uris]
+) -> tuple[list[dict[str, Any]], float]:
+    """One pool task: ``validate`` over a few files, in a worker process. Returns the results and the seconds
+    taken per file."""
+    start = time.perf_counter()
+    results = [validate(uri, opts) for uri in uris]
+    return results, (time.perf_counter() - start) / len(uris)
 
 
 def _refusal(exc: BaseException, timeout_s: float) -> dict[str, Any]:
@@ -209,10 +215,12 @@ class ValidatorPool:
     ``decoder_crash``; the pool replaces the lost worker and goes on. Reusable across batches of files (the Ray
     engine keeps one per Ray worker process, :mod:`cls_ray.data.ingest_ray`).
 
-    Files travel to the workers a few at a time (``files_per_task``): one task per file spent more on the round trip
-    to the worker than on validating a small JPEG (docs/benchmarks.md, "Ingest"). A task that times out, crashes its
-    worker or raises is run again one file per task, so the bound and the refusal still apply to the one file that
-    caused them; the others are validated again, and only a file that fails on its own is refused.
+    Files travel to the workers a few at a time: one task per file spent more on the round trip to the worker than
+    on validating a small JPEG (docs/benchmarks.md, "Ingest"). A task carries as many files as take about
+    :data:`TASK_SECONDS` at the rate measured so far (one at first, at most ``files_per_task``), so slow files (large
+    photos) go one per task and a task of several stays far below the time bound. A task that times out, crashes
+    its worker or raises is run again one file per task, so the bound and the refusal still apply to the one file
+    that caused them; the others are validated again, and only a file that fails on its own is refused.
 
     Args:
         num_workers: worker processes.
@@ -244,16 +252,24 @@ class ValidatorPool:
 
     def run(self, uris: Sequence[str], opts: EncodeOptions) -> Iterator[tuple[int, dict]]:
         """Validate ``uris``; yields ``(index, result)`` as files finish (any order)."""
-        # a few tasks per worker at least, so that the last ones finish together
-        size = max(1, min(self.files_per_task, len(uris) // (self.num_workers * 8)))
-        todo = collections.deque((a, min(a + size, len(uris))) for a in range(0, len(uris), size))
+        # at most a few tasks' worth per worker, so that the last tasks finish together
+        most = max(1, min(self.files_per_task, len(uris) // (self.num_workers * 8)))
+        per_file: float | None = None  # seconds, a moving average over finished tasks
+        retry: collections.deque[int] = collections.deque()  # files of failed tasks, one task each, first in line
+        start = 0
         window = max(8, self.num_workers * 4)  # bounded in-flight work: results hold image bytes
         finished: queue.SimpleQueue = queue.SimpleQueue()  # futures arrive here as they finish, O(1) per task
         pending: dict[Any, tuple[int, int]] = {}
         try:
-            while todo or pending:
-                while todo and len(pending) < window:
-                    a, b = todo.popleft()
+            while start < len(uris) or retry or pending:
+                while (start < len(uris) or retry) and len(pending) < window:
+                    if retry:
+                        a = retry.popleft()
+                        b = a + 1
+                    else:
+                        size = 1 if per_file is None else int(min(most, max(1, TASK_SECONDS / max(per_file, 1e-6))))
+                        a, b = start, min(start + size, len(uris))
+                        start = b
                     future = self._pool.schedule(
                         validate_many, args=(self.validate, uris[a:b], opts), timeout=self.timeout_s
                     )
@@ -262,12 +278,14 @@ class ValidatorPool:
                 future = finished.get()
                 a, b = pending.pop(future)
                 try:
-                    results = future.result()
+                    results, seconds = future.result()
                 except Exception as exc:  # noqa: BLE001 - any worker failure refuses at most the file that caused it
-                    if b - a > 1:  # which file? each again on its own, first in line
-                        todo.extendleft((i, i + 1) for i in reversed(range(a, b)))
+                    if b - a > 1:  # which file? each again on its own
+                        retry.extend(range(a, b))
                         continue
                     results = [_refusal(exc, self.timeout_s)]
+                else:
+                    per_file = seconds if per_file is None else 0.8 * per_file + 0.2 * seconds
                 for k, result in enumerate(results):
                     yield a + k, result
         finally:
