@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -170,35 +171,69 @@ def machine_description() -> dict[str, object]:
     return info
 
 
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds) of a live process, from /proc: its own user + system time plus that of its children
-    it has already reaped (``cutime`` + ``cstime``), so a worker that exits between two readings keeps counting."""
+def _proc_stat(pid: int) -> tuple[int, int, float, float] | None:
+    """(parent pid, start time, own CPU seconds, reaped children's CPU seconds) of a live process, from /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(fields[1]), sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (
+        int(fields[1]),
+        int(fields[19]),
+        (int(fields[11]) + int(fields[12])) / tick,
+        (int(fields[13]) + int(fields[14])) / tick,
+    )
+
+
+Key = tuple[int, int]  # (pid, start time): a pid can be reused, the pair cannot
+
+
+@dataclass
+class _Tree:
+    """What earlier readings of one root saw: each process of its tree, ``key -> (parent key, own + reaped
+    children's CPU seconds, reaped children's CPU seconds)``, and the CPU seconds of descendants that have exited
+    without reaching a live ancestor's reaped time."""
+
+    seen: dict[Key, tuple[Key | None, float, float]] = field(default_factory=dict)
+    lost: float = 0.0
+
+
+_TREES: dict[int, _Tree] = {}
 
 
 def tree_cpu_seconds(root: int | None = None) -> float:
-    """CPU seconds used so far by process ``root`` (default: this one) and every live descendant (Linux /proc).
+    """CPU seconds used so far by process ``root`` (default: this one) and its descendants (Linux /proc): each live
+    one's own time plus that of the children it has reaped, plus the last reading of every descendant an earlier call
+    saw that has since exited without its parent accounting for it (a parent that ignores SIGCHLD, as Ray's raylet
+    may, reaps without adding the child's time to its own). So the total never goes down between two readings in one
+    process; a plain sum over the live tree did when a Ray worker exited between them.
 
     Robust to other load on the machine, unlike wall time: it counts only the work this process tree did.
     """
     root = os.getpid() if root is None else root
-    stats = {}
-    # Highest pid first: a child is usually read before its parent, so one that exits and is reaped mid-scan is
-    # counted (at worst twice, never lost): the total never goes down between two readings.
-    for pid in sorted((int(e) for e in os.listdir("/proc") if e.isdigit()), reverse=True):
-        if (stat := _proc_stat(pid)) is not None:
-            stats[pid] = stat
+    tree = _TREES.setdefault(root, _Tree())
+    stats = {pid: stat for pid in (int(e) for e in os.listdir("/proc") if e.isdigit()) if (stat := _proc_stat(pid))}
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, *_) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack = 0.0, [root]
+    live: dict[Key, tuple[Key | None, float, float]] = {}
+    stack: list[tuple[int, Key | None]] = [(root, None)]
     while stack:
-        pid = stack.pop()
-        total += stats.get(pid, (0, 0.0))[1]
-        stack.extend(children.get(pid, []))
-    return total
+        pid, parent = stack.pop()
+        if pid in stats:
+            _, start, own, reaped = stats[pid]
+            live[(pid, start)] = (parent, own + reaped, reaped)
+            stack.extend((child, (pid, start)) for child in children.get(pid, []))
+    # Descendants gone since the last reading: counted by a live parent whose reaped time grew by as much, else lost
+    growth = {key: reaped - tree.seen[key][2] for key, (_, _, reaped) in live.items() if key in tree.seen}
+    for key, (parent, cpu, _) in tree.seen.items():
+        if key in live:
+            continue
+        if parent in growth and growth[parent] >= 0.99 * cpu:
+            growth[parent] -= cpu
+        else:
+            tree.lost += cpu
+    tree.seen = live
+    return sum(cpu for _, cpu, _ in live.values()) + tree.lost
