@@ -29,6 +29,7 @@ path can say so with ``ingest.shared_filesystem=true``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -248,8 +249,11 @@ def write_shard(
     """One shard-writing task: ``rows`` (``(uri, sha256 or None, label, path, width, height, group, near_dup)``) read
     concurrently, in order, and written as shard ``index`` of ``split``. Returns its manifest entry."""
     writer = ShardWriter(dest, split, num_classes, target_bytes, first_index=index)
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        images = pool.map(lambda r: _read_checked(r[0], r[1]), rows)
+    # Object storage: concurrent GETs hide each one's latency. Local files: one thread, because 16 threads contending
+    # for the GIL over 8 KB reads measured 5x slower than a plain loop (2.1 s against 0.43 s for 7,000 files).
+    remote = any(storage.is_remote(row[0]) for row in rows)
+    with ThreadPoolExecutor(READ_THREADS) if remote else contextlib.nullcontext() as pool:
+        images = (pool.map if pool else map)(lambda r: _read_checked(r[0], r[1]), rows)
         for row, image in zip(rows, images, strict=True):
             writer.write(Row(image, *row[2:]))
     entry = writer.close()
