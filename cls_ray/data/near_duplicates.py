@@ -5,11 +5,11 @@ DCT-II, each coefficient compared with the block's median. That is imagehash's `
 on the same 64x64 image (tested), computed here with two small matrix products instead of imagehash's Lanczos
 resize and two full scipy DCTs: 0.10-0.15 ms instead of 0.8 ms per 224 px image, against a 0.16-0.20 ms luma
 decode (docs/benchmarks.md, "Ingest", has the whole-ingest cost). It runs in the validation worker on the image it
-has just decoded (for a JPEG kept as it is, the luma plane validation decodes), so there is no second decode. 256 bits rather than imagehash's default 64
-because on Fashion-MNIST the 64-bit hash puts 18% of images within 6 bits of a *different* image, inside the range
-where re-encoded copies land, while at 256 bits resized, re-encoded and colour-shifted copies separate from
-distinct images (docs/design.md, "Near-duplicates", has the measured distances). Crops move the hash too far to be
-caught: a perceptual hash is not crop-invariant.
+has just decoded (for a JPEG kept as it is, the luma plane validation decodes), so there is no second decode.
+256 bits rather than imagehash's default 64 because on Fashion-MNIST the 64-bit hash puts 18% of images within 6
+bits of a *different* image, inside the range where re-encoded copies land, while at 256 bits resized, re-encoded
+and colour-shifted copies separate from distinct images (docs/design.md, "Near-duplicates", has the measured
+distances). Crops move the hash too far to be caught: a perceptual hash is not crop-invariant.
 
 **Matching.** Up to 100,000 hashes, faiss' SIMD brute force (``IndexBinaryFlat.range_search``); above, faiss'
 ``IndexBinaryMultiHash`` (multi-index hashing): the 256 bits are cut into ``m`` disjoint chunks, each indexed in a
