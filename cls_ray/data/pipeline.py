@@ -46,6 +46,12 @@ BLOCKS_PER_CPU = 4
 an epoch's decode tasks keep every CPU busy and finish together instead of leaving a long tail of a few big ones."""
 CACHE_FRACTION = 0.2
 """``data.cache=auto`` caches a split whose shards take at most this fraction of the cluster's object store."""
+DRIVER_READ_BYTES = 64 * 2**20
+"""A split to be cached whose shards take at most this many bytes is read by the calling process with pyarrow and put
+into the object store as it is (:func:`ray.data.from_arrow`) instead of by Ray Data read tasks. On a small split the
+read itself takes milliseconds, while Ray Data's path starts a read task, Parquet footer-reader actors and a
+re-blocking task, each in a fresh worker process: 7-10 s of every training run's start-up on a 2-core machine.
+Larger splits keep Ray Data's reads, which run in parallel on every node."""
 
 
 def import_decoders() -> tuple[Callable, Callable]:
@@ -187,16 +193,40 @@ def read_split(
         raise manifest_lib.ManifestError(f"{data_uri}: split {split!r} has no shards")
     filesystem, _ = storage.resolve(uris[0])
     paths = [storage.resolve(uri)[1] for uri in uris]
+    size = shard_bytes(filesystem, paths) if cache != "never" else 0
+    cached = cache == "always" or (cache == "auto" and _fits_object_store(size, f"{data_uri} ({split})"))
+    if cached and size <= DRIVER_READ_BYTES:
+        return read_small_shards(filesystem, paths, READ_COLUMNS, block_rows)
     # Ray Data pushes the projection into the Parquet read: the other columns are never fetched.
     ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(READ_COLUMNS)
     if block_rows:
         ds = ds.repartition(target_num_rows_per_block=block_rows)
-    if cache == "always" or (cache == "auto" and _fits_object_store(filesystem, paths, f"{data_uri} ({split})")):
+    if cached:
         # Every epoch re-executes the dataset from its source: cached, an epoch starts at the shuffle instead of
         # listing and reading the shards again (about 1 s per epoch on a 16-core node, before any decoding).
         ds.context.enable_progress_bars = False
         ds = ds.materialize()
     return ds
+
+
+def shard_bytes(filesystem: Any, paths: list[str]) -> int:
+    """The total size of the files at ``paths`` on ``filesystem``."""
+    return sum(info.size or 0 for info in filesystem.get_file_info(paths))
+
+
+def read_small_shards(
+    filesystem: Any, paths: list[str], columns: list[str], block_rows: int | None = None
+) -> ray.data.Dataset:
+    """Small shards (:data:`DRIVER_READ_BYTES`) read here with pyarrow, in shard order, and put into the object store
+    in blocks of ``block_rows`` rows: the dataset Ray Data's read (+ re-blocking) would materialize, without its
+    tasks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    table = pa.concat_tables([pq.read_table(path, filesystem=filesystem, columns=columns) for path in paths])
+    step = max(1, block_rows or BLOCK_ROWS)
+    return ray.data.from_arrow([table.slice(start, step) for start in range(0, max(table.num_rows, 1), step)])
 
 
 @dataclass(frozen=True)
@@ -246,10 +276,9 @@ def _encoded_rows(
     return read_split(data_uri, manifest, split, cache=cfg.cache, block_rows=block_rows)
 
 
-def _fits_object_store(filesystem: Any, paths: list[str], what: str) -> bool:
+def _fits_object_store(size: int, what: str) -> bool:
     import ray
 
-    size = sum(info.size or 0 for info in filesystem.get_file_info(paths))
     store = ray.cluster_resources().get("object_store_memory", 0)
     fits = size <= CACHE_FRACTION * store
     logger.info(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,12 @@ import numpy as np
 
 from cls_ray import storage
 from cls_ray.data import manifest as manifest_lib
+from cls_ray.data.pipeline import DRIVER_READ_BYTES, read_small_shards, shard_bytes
 
 logger = logging.getLogger(__name__)
 
 CLEAN = "clean"
+SCORED_COLUMNS = ["image", "label", "path"]
 
 
 def pass_name(corruption: str, severity: int) -> str:
@@ -173,16 +176,19 @@ def run_passes(
     if not uris:
         raise manifest_lib.ManifestError(f"{data_uri}: split {split!r} has no shards")
     filesystem, _ = storage.resolve(uris[0])
-    ds = ray.data.read_parquet([storage.resolve(u)[1] for u in uris], filesystem=filesystem)
-    ds = ds.select_columns(["image", "label", "path"])
+    paths = [storage.resolve(u)[1] for u in uris]
     rows = int(manifest["splits"][split]["num_rows"])
     corrupted = [p for p in passes if p[0] != CLEAN]
     per_row = 1 + len(corrupted) * (len(corrupt_paths) / max(1, rows) if corrupt_paths is not None else 1)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     blocks = max(1, min(rows // 8 or 1, 4 * cpus * max(1, int(per_row))))
+    if shard_bytes(filesystem, paths) <= DRIVER_READ_BYTES:  # no read and re-blocking tasks for a small split
+        ds = read_small_shards(filesystem, paths, SCORED_COLUMNS, block_rows=math.ceil(rows / blocks))
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(SCORED_COLUMNS).repartition(blocks)
     # Small input batches: each row becomes one image per pass.
     decode_batch = max(1, int(batch_size // per_row))
-    ds = ds.repartition(blocks).map_batches(
+    ds = ds.map_batches(
         preprocess_passes,
         fn_kwargs={
             "data_config": meta["data_config"],
