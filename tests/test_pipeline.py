@@ -58,7 +58,7 @@ families:
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # five stages, each starting Ray work, on 2 cores: minutes quiet, far more under load
 def test_pipeline_runs_the_whole_chain_from_one_config(tmp_path):
-    source = write_digits_folders(tmp_path / "digits")
+    source = write_digits_folders(tmp_path / "digits", per_class=60)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     workdir = tmp_path / "work"
