@@ -437,22 +437,31 @@ FAST_TRAIN = [
 #: The tiny real training run whose package the report, export, predict and serve tests share (one per session).
 TRAINED_PACKAGE_OVERRIDES = [
     *FAST_TRAIN,
+    "data.batch_size=16",  # per worker: the global batch and steps per epoch of one worker at 32
     "train.epochs=4",
-    "train.num_workers=1",
-    "train.cpus_per_worker=1",
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.eval_every=2",
+    "train.keep_checkpoints=1",
+    "train.tracking=[mlflow,tensorboard]",
+    "tracking.experiment=train-ddp",
     "train.run_name=shared",
     "train.package_name=digits",
 ]
 
 
 @pytest.fixture(scope="session")
-def trained_package(tmp_path_factory) -> dict[str, Path]:
-    """A model package from a real ``cls-ray ingest`` + ``cls-ray train`` run (ResNet-10-T, 32 px, 4 epochs on
-    1,000 digits: ~0.9 validation top-1), made once per test session in a child process with its own Ray instance.
+def trained_package(tmp_path_factory, mlflow_server) -> dict[str, Path]:
+    """A model package from a real ``cls-ray ingest`` + ``cls-ray train`` run, made once per test session in a child
+    process with its own Ray instance: ResNet-10-T, 32 px, 4 epochs on 1,000 digits over two DDP workers (~0.9
+    validation top-1), validated every second epoch, tracked in the session's MLflow server (experiment
+    ``train-ddp``, with MLflow credentials in the environment that must reach no file) and in TensorBoard files.
+    test_train's DDP test checks this run; the report, export, predict, serve and console tests use its results.
 
-    Yields ``{"package", "dataset", "run", "folders", "train_log"}``: the package (named ``digits``), its dataset
-    (700 train / 150 val / 150 test), the run directory (checkpoints, ``history/``), the class folders it was ingested
-    from, and what ``cls-ray train`` printed to its pipe (the console test reads it). Treat all of them as read-only.
+    Yields ``{"package", "dataset", "run", "folders", "train_log", "root"}``: the package (named ``digits``), its
+    dataset (700 train / 150 val / 150 test), the run directory (checkpoints, ``history/``, ``tensorboard/``), the
+    class folders it was ingested from, what ``cls-ray train`` printed to its pipe (the console test reads it), and
+    the folder holding all of them. Treat all of them as read-only.
     """
     import subprocess
     import sys
@@ -462,11 +471,21 @@ def trained_package(tmp_path_factory) -> dict[str, Path]:
     dataset, runs = root / "dataset", root / "runs"
     cli = [sys.executable, "-m", "cls_ray.cli"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # MLflow's client credentials (this server ignores them) travel to rank 0 with the run, and into no file of it.
+    env.update(MLFLOW_TRACKING_USERNAME="cls-ray-test", MLFLOW_TRACKING_PASSWORD=S3_SECRET_KEY)
     train = [*(a for o in TRAINED_PACKAGE_OVERRIDES for a in ("--set", o)), "--set", f"train.storage_path={runs}"]
+    train += ["--set", f"tracking.mlflow_uri={mlflow_server.uri}"]
     for args in (["ingest", str(folders), str(dataset)], ["train", "--data", str(dataset), *train]):
         log = root / f"{args[0]}.log"
         with open(log, "wb") as out:  # a pipe, as in a CI log
             done = subprocess.run(cli + args, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900, check=False)
         assert done.returncode == 0, f"cls-ray {args[0]} failed:\n{log.read_text()[-4000:]}"
     run = runs / "shared"
-    return {"package": run / "package", "dataset": dataset, "run": run, "folders": folders, "train_log": log}
+    return {
+        "package": run / "package",
+        "dataset": dataset,
+        "run": run,
+        "folders": folders,
+        "train_log": log,
+        "root": root,
+    }

@@ -1,10 +1,10 @@
-"""Training on a real Ray cluster (CPU): DDP on digits, packaging and evaluation, resume after the driver is killed
-(run stored on the local S3 server), pretrained + frozen runs, and configurations refused before any worker starts.
+"""Training on a real Ray cluster (CPU): DDP on digits (the session's shared run), packaging and evaluation, resume
+after the driver is killed (run stored on the local S3 server), pretrained + frozen runs, and configurations refused
+before any worker starts.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import json
 import math
@@ -22,11 +22,8 @@ import timm
 import torch
 from conftest import (
     FAST_TRAIN,
-    S3_SECRET_KEY,
     assert_secret_absent,
     free_port,
-    prometheus_samples,
-    ray_metrics_text,
     write_digits_folders,
 )
 from safetensors.torch import load_file
@@ -72,99 +69,75 @@ def _history(run_uri: str) -> list[dict]:
     return read_history(run_uri)
 
 
-@pytest.mark.slow
 def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(
-    ray_cluster, digits_dataset, mlflow_server, tmp_path, monkeypatch
+    ray_cluster, trained_package, mlflow_server, tmp_path
 ):
-    # MLflow credentials (this server ignores them) travel to rank 0 with the run, and into no file of it.
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "cls-ray-test")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", S3_SECRET_KEY)
-    cfg = _config(
-        tmp_path,
-        "train.run_name=ddp",
-        "train.epochs=4",
-        "train.num_workers=2",
-        "train.eval_every=2",
-        "train.keep_checkpoints=1",
-        "train.tracking=[mlflow,tensorboard]",
-        f"tracking.mlflow_uri={mlflow_server.uri}",
-        "tracking.experiment=train-ddp",
-    )
-    # Ray application metrics (cls_ray.telemetry) reach the node's Prometheus endpoint while the run trains.
-    with cf.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(train, digits_dataset, cfg)
-        seen: dict[str, float] = {}
-        while not running.done():
-            text = ray_metrics_text()
-            for name in ("epoch", "images_per_second", "data_wait_fraction", "loss"):
-                for labels, value in prometheus_samples(text, f"ray_cls_ray_train_{name}"):
-                    if labels.get("run") == "ddp" and labels.get("rank") in ("0", "1"):
-                        seen[name] = max(seen.get(name, value), value)
-            time.sleep(1)
-        result = running.result()
-    assert seen.get("epoch", 0) >= 1 and seen.get("images_per_second", 0) > 0 and seen.get("loss", 0) > 0, seen
-    assert 0 <= seen["data_wait_fraction"] <= 1
+    """The session's shared training run (:func:`conftest.trained_package`: ``cls-ray train`` over two DDP workers,
+    validated every second epoch, tracked in MLflow and TensorBoard) learned, recorded every epoch once, kept its
+    best checkpoint, packaged it, and ``evaluate`` reproduces its validation metrics."""
+    from conftest import TRAINED_PACKAGE_OVERRIDES
 
-    assert result.metrics["val_top1"] > 0.6  # 10 classes: chance is 0.1
-    history = _history(result.run_uri)
+    assert {"train.num_workers=2", "train.eval_every=2", "train.epochs=4"} <= set(TRAINED_PACKAGE_OVERRIDES)
+    run, package, dataset = trained_package["run"], trained_package["package"], str(trained_package["dataset"])
+    history = _history(str(run))
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert [r["evaluated"] for r in history] == [False, True, False, True]
     assert "val_top1" not in history[0] and history[2]["val_top1"] == history[1]["val_top1"]  # carried forward
-    val_rows = read_manifest(digits_dataset)["splits"]["val"]["num_rows"]
+    assert history[3]["val_top1"] > 0.6  # 10 classes: chance is 0.1
+    val_rows = read_manifest(dataset)["splits"]["val"]["num_rows"]
     for record in history:
         assert record["img_per_s"] > 0 and 0 <= record["data_wait_frac"] <= 1 and record["train_loss"] > 0
     for record in (history[1], history[3]):
         assert len(record["per_class"]) == 10 and "confusion_matrix" not in record  # O(classes), not classes^2
         assert sum(c["support"] for c in record["per_class"]) == val_rows == record["val_num_samples"]
 
-    run = Path(result.run_uri)
+    best = max((history[1], history[3]), key=lambda r: r["val_top1"])["epoch"]
     checkpoints = sorted(p.name for p in run.glob("epoch-*"))
-    assert 1 <= len(checkpoints) <= 2 and "epoch-0004" in checkpoints  # best kept (plus the latest)
-    files = {p.name for p in (run / "epoch-0004").iterdir()}
+    assert 1 <= len(checkpoints) <= 2 and f"epoch-{best:04d}" in checkpoints  # best kept (plus the latest)
+    files = {p.name for p in (run / f"epoch-{best:04d}").iterdir()}
     assert {"model.safetensors", "train_state.pt", "checkpoint.json", "evaluation.json"} <= files
-    checkpoint_eval = read_evaluation(str(run / "epoch-0004"))
-    assert checkpoint_eval["per_class"] == history[3]["per_class"]
+    checkpoint_eval = read_evaluation(str(run / f"epoch-{best:04d}"))
+    assert checkpoint_eval["per_class"] == history[best - 1]["per_class"]
     assert sum(map(sum, checkpoint_eval["confusion_matrix"])) == val_rows
-    meta = json.loads((Path(result.package_uri) / "model.json").read_text())
-    assert meta["architecture"] == "resnet10t" and meta["metrics"]["val_top1"] == result.metrics["val_top1"]
-    # Named after the dataset's class folders; versioned by the weights' digest.
-    assert meta["name"] == "train-folders0"
-    weights = (Path(result.package_uri) / "model.safetensors").read_bytes()
-    assert meta["version"] == hashlib.sha256(weights).hexdigest()[:12]
+    meta = json.loads((package / "model.json").read_text())
+    assert meta["architecture"] == "resnet10t" and meta["metrics"]["epoch"] == best
+    assert meta["metrics"]["val_top1"] == history[best - 1]["val_top1"]
+    weights = (package / "model.safetensors").read_bytes()
+    assert meta["version"] == hashlib.sha256(weights).hexdigest()[:12]  # versioned by the weights' digest
 
     out = tmp_path / "eval"
-    evaluated = evaluate(result.package_uri, digits_dataset, split="val", output_dir=str(out))
+    evaluated = evaluate(str(package), dataset, split="val", output_dir=str(out), batch_size=128)
     assert evaluated["num_samples"] == val_rows
     for key in ("top1", "top5", "f1_macro", "precision_weighted"):
-        assert evaluated[key] == pytest.approx(result.metrics[f"val_{key}"], abs=1e-6), key
-    assert evaluated["confusion_matrix"] == checkpoint_eval["confusion_matrix"] or result.metrics["epoch"] != 4
-    assert {"metrics.json", "confusion_matrix.json", "confusion_matrix.png", "per_class.csv"} <= {
-        p.name for p in out.iterdir()
-    }
+        assert evaluated[key] == pytest.approx(meta["metrics"][f"val_{key}"], abs=1e-6), key
+    assert evaluated["confusion_matrix"] == checkpoint_eval["confusion_matrix"]
 
     # MLflow (a real tracking server, read through its REST API): one finished run with the config as params, tags
     # naming the dataset, every epoch's metrics, the package as artefacts.
     (run_record,) = mlflow_server.runs("train-ddp")
     info, data = run_record["info"], run_record["data"]
-    assert info["run_name"] == "ddp" and info["status"] == "FINISHED"
+    assert info["run_name"] == "shared" and info["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in data["params"]}
     assert params["model.name"] == "resnet10t" and params["train.num_workers"] == "2" and len(params) > 100
     tags = {t["key"]: t["value"] for t in data["tags"]}
-    assert tags["cls_ray.dataset"] == digits_dataset and tags["cls_ray.run_uri"] == result.run_uri
+    assert tags["cls_ray.dataset"] == dataset and tags["cls_ray.run_uri"] == str(run)
     assert tags["cls_ray.dataset_digest"] == meta["dataset"]["manifest_digest"]
     losses = mlflow_server.metric_history(info["run_id"], "train_loss")
     assert [(m["step"], m["value"]) for m in losses] == [(r["epoch"], pytest.approx(r["train_loss"])) for r in history]
     top1 = mlflow_server.metric_history(info["run_id"], "val_top1")
-    assert top1[-1]["step"] == 4 and top1[-1]["value"] == pytest.approx(result.metrics["val_top1"])
+    assert top1[-1]["step"] == 4 and top1[-1]["value"] == pytest.approx(history[3]["val_top1"])
     assert {"package/model.json", "package/model.safetensors"} <= set(
         mlflow_server.artifacts(info["run_id"], "package")
     )
     # A report of the package goes to the same run (the report calls this with its folder).
     from cls_ray.tracking import log_report
 
+    assert {"metrics.json", "confusion_matrix.json", "confusion_matrix.png", "per_class.csv"} <= {
+        p.name for p in out.iterdir()
+    }
     log_report(meta, str(out))
     assert "eval/metrics.json" in mlflow_server.artifacts(info["run_id"], "eval")
-    assert assert_secret_absent(dirs=(tmp_path, mlflow_server.root)) > 20
+    assert assert_secret_absent(dirs=(trained_package["root"], tmp_path, mlflow_server.root)) > 20
     # TensorBoard: TensorBoard's own event reader finds every epoch's scalars under RUN/tensorboard.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -268,6 +241,8 @@ def test_rerun_after_driver_killed_resumes_at_next_epoch_on_s3(ray_cluster, digi
     assert all(r["resumed_from"] == start for r in history[start:])
     assert result.metrics["epoch"] >= start and storage.exists(storage.join(result.package_uri, "model.json"))
     assert result.package_uri == f"{run_uri}/package" and result.checkpoint_uri.startswith(f"{run_uri}/epoch-")
+    # Named after the dataset's class folders (no train.package_name).
+    assert json.loads(storage.read_bytes(f"{result.package_uri}/model.json"))["name"] == "train-folders0"
 
 
 def test_bad_configuration_is_refused_before_any_worker_starts(ray_cluster, digits_dataset, tmp_path):

@@ -4,6 +4,7 @@ best trial, and resuming an experiment whose driver was killed."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
 import json
 import os
@@ -19,7 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import timm
-from conftest import assert_secret_absent, free_port, ray_log_texts, write_digits_folders
+from conftest import (
+    assert_secret_absent,
+    free_port,
+    prometheus_samples,
+    ray_log_texts,
+    ray_metrics_text,
+    write_digits_folders,
+)
 
 from cls_ray.config import IngestConfig, load_config
 from cls_ray.models import save_weights_file
@@ -81,6 +89,8 @@ def ray_cluster(s3_server):
                 "object_store_memory": 400 * 1024**2,
                 "include_dashboard": True,
                 "dashboard_port": free_port(),
+                # Workers export their metrics every 2 s (Ray's default: 10 s): a trial ASHA stops lives seconds.
+                "_system_config": {"metrics_report_interval_ms": 2000},
             },
         )
     context = ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
@@ -149,7 +159,24 @@ def test_search_on_s3_stops_trials_early_and_promotes_the_best(
             "tracking.experiment=search",
         ],
     )
-    result = tune(digits_dataset, cfg)
+    # Ray application metrics (cls_ray.telemetry) reach the node's Prometheus endpoint while the trials train, per
+    # trial (run) and DDP rank.
+    runs_seen: set[str] = set()
+    with cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(tune, digits_dataset, cfg)
+        seen: dict[tuple[str, str], float] = {}
+        while not running.done():
+            text = ray_metrics_text()
+            for name in ("epoch", "images_per_second", "data_wait_fraction", "loss"):
+                for labels, value in prometheus_samples(text, f"ray_cls_ray_train_{name}"):
+                    key = (name, labels.get("rank", ""))
+                    seen[key] = max(seen.get(key, value), value)
+                    runs_seen.add(labels.get("run", ""))
+            time.sleep(1)
+        result = running.result()
+    for rank in ("0", "1"):
+        assert seen.get(("epoch", rank), 0) >= 1 and seen.get(("loss", rank), 0) > 0, seen
+        assert seen.get(("images_per_second", rank), 0) > 0 and 0 <= seen[("data_wait_fraction", rank)] <= 1, seen
     exp = f"{root}/search"
     assert result.experiment_uri == exp
     names = {info.path.rsplit("/", 1)[-1] for info in storage.list_files(exp, recursive=False)}
@@ -172,6 +199,7 @@ def test_search_on_s3_stops_trials_early_and_promotes_the_best(
         assert epochs == list(range(1, row["epochs"] + 1))
         run_files = [info.path for info in storage.list_files(f"{exp}/runs/{row['trial']}")]
         assert any("/epoch-" in path and path.endswith("model.safetensors") for path in run_files), run_files
+    assert runs_seen & {row["trial"] for row in board}, runs_seen  # labelled with the trial's run name
     ranked = [row["val_top1"] for row in board]
     assert ranked == sorted(ranked, reverse=True)
     # tune.each_architecture_first: trials 1 and 2 take the space's architectures in its order (seed 1's random
