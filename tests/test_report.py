@@ -417,8 +417,11 @@ def test_audit_cross_validates_the_training_split(ray_instance, trained_package,
     ingest(str(src), str(dataset), IngestConfig(val_fraction=0.1, test_fraction=0.1), summary=False)
     train_rows = pq.read_table(dataset / "train", columns=["path", "label", "near_duplicate"]).to_pylist()
     out = tmp_path / "audit"
-    # Half a CPU per fold's worker: both folds (each 0.5 + 0.5 for decoding) train at once on the 2 CPUs.
-    cfg = AuditConfig(splits=["train"], folds=2, fold_overrides=["train.cpus_per_worker=0.5"])
+    # One worker at half a CPU per fold (the package was trained by two DDP workers): both folds (each 0.5 + 0.5 for
+    # decoding) train at once on the 2 CPUs, with the package's global batch; untracked (the package's MLflow
+    # experiment holds its own run only).
+    overrides = ["train.num_workers=1", "train.cpus_per_worker=0.5", "data.batch_size=32", "train.tracking=[]"]
+    cfg = AuditConfig(splits=["train"], folds=2, fold_overrides=overrides)
     result = audit(str(trained_package["package"]), str(dataset), str(out), cfg)
 
     cv = result["cross_validation"]
@@ -430,9 +433,10 @@ def test_audit_cross_validates_the_training_split(ray_instance, trained_package,
         counts = np.bincount([r["label"] for r in fold], minlength=10)
         assert counts.min() >= 0.4 * len(train_rows) / 20, counts  # stratified: every class in every fold
         fold_meta = read_package_meta(cv["packages"][i])
-        recorded = fold_meta["train_config"]  # the package's own (4 epochs, 1 CPU) with audit.fold_overrides
+        recorded = fold_meta["train_config"]  # the package's own (4 epochs, 2 workers) with audit.fold_overrides
         assert fold_meta["architecture"] == "resnet10t" and recorded["model"]["image_size"] == 32
-        assert (recorded["train"]["epochs"], recorded["train"]["cpus_per_worker"]) == (4, 0.5)
+        train_cfg = recorded["train"]
+        assert (train_cfg["epochs"], train_cfg["num_workers"], train_cfg["tracking"]) == (4, 1, [])
         assert fold_meta["dataset"]["uri"].endswith(f"fold-{i}")
     assert len(held_out) == len(train_rows)  # every training image held out exactly once
     groups: dict[str, set[int]] = {}
