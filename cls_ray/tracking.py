@@ -328,20 +328,62 @@ def tune_callbacks(cfg: Any, experiment_uri: str) -> list[Any]:
         logger.warning("MLflow at %s is unavailable (%s): this search is not tracked in MLflow", uri, _reason(exc))
         return []
 
-    from cls_ray.tune.mlflow_callback import GuardedMLflowLoggerCallback
-
     tags = {"cls_ray.experiment_uri": experiment_uri, "cls_ray.config_digest": config_digest(cfg)}
-    return [GuardedMLflowLoggerCallback(tracking_uri=uri, experiment_name=name, tags=tags)]
+    return [_guarded_callback_class()(tracking_uri=uri, experiment_name=name, tags=tags)]
 
 
 def __getattr__(name: str) -> Any:
-    # The callback's class moved out of this module so that importing it (every Train worker, every driver) does not
-    # import MLflow (~1.3 s on 2 cores); Tune experiment states pickled before still find it here.
+    # ``GuardedMLflowLoggerCallback`` is made on first use: its base class is in a module that imports MLflow (~1.3 s
+    # on 2 cores), and every Train worker and driver imports this module. Pickles (Tune's experiment state) name it
+    # here, and unpickling finds it through this hook.
     if name == "GuardedMLflowLoggerCallback":
-        from cls_ray.tune.mlflow_callback import GuardedMLflowLoggerCallback
-
-        return GuardedMLflowLoggerCallback
+        return _guarded_callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _guarded_callback_class() -> type:
+    """``GuardedMLflowLoggerCallback``: Ray Tune's ``MLflowLoggerCallback``; an error of the tracking server disables
+    it (reported once) instead of failing the search. Made once, then a module attribute like any class."""
+    made = globals().get("GuardedMLflowLoggerCallback")
+    if made is not None:
+        return made
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class GuardedMLflowLoggerCallback(MLflowLoggerCallback):
+        failed = False
+
+        def _guard(self, method: str, *args: Any, **kwargs: Any) -> None:
+            if self.failed:
+                return
+            try:
+                getattr(super(), method)(*args, **kwargs)
+            except Exception as exc:
+                self.failed = True
+                logger.warning(
+                    "MLflow at %s stopped answering (%s): the search goes on untracked",
+                    self.tracking_uri,
+                    _reason(exc),
+                )
+
+        def setup(self, *args: Any, **kwargs: Any) -> None:
+            self._trial_runs: dict[Any, str] = {}
+            self._guard("setup", *args, **kwargs)
+
+        def log_trial_start(self, trial: Any) -> None:
+            self._guard("log_trial_start", trial)
+
+        def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+            if trial in self._trial_runs:
+                self._guard("log_trial_result", iteration, trial, result)
+
+        def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+            if trial in self._trial_runs:
+                self._guard("log_trial_end", trial, failed)
+
+    GuardedMLflowLoggerCallback.__qualname__ = GuardedMLflowLoggerCallback.__name__  # pickled by reference
+    GuardedMLflowLoggerCallback.__module__ = __name__
+    globals()["GuardedMLflowLoggerCallback"] = GuardedMLflowLoggerCallback
+    return GuardedMLflowLoggerCallback
 
 
 def log_promoted_package(cfg: Any, experiment_uri: str, trial_name: str, package_uri: str) -> None:
