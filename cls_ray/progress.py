@@ -6,7 +6,8 @@ the run's ETA (tqdm) on a terminal, or prints plain lines when stdout is not one
 per epoch, and within a long epoch one at most every :data:`PLAIN_INTERVAL_S`.
 
 :func:`console` is the CLI's choice of what the console shows: by default cls-ray's own lines only (Ray's
-loggers on the driver at ERROR, Ray's deprecation warnings off, worker output not forwarded: ``log_to_driver``);
+loggers on the driver at ERROR, Ray's deprecation warnings off, worker output not forwarded: ``log_to_driver``,
+MLflow's run links not printed);
 ``-v`` shows everything. Errors stay visible either way: a failed run ends in one line naming the cause.
 """
 
@@ -37,6 +38,9 @@ _verbose = True  # library use (tests, notebooks) keeps Ray's output; the CLI ch
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
 #: Loggers the quiet console raises: Ray's driver side, and faiss's loader (INFO lines at import).
 QUIETED = {"ray": logging.ERROR, "faiss": logging.WARNING}
+#: MLflow's client writes a run's and its experiment's URLs to stdout when the run ends; cls-ray's own log line names
+#: the run when it starts. Shown with -v.
+MLFLOW_QUIET_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 @contextlib.contextmanager
@@ -45,7 +49,8 @@ def console(verbose: bool) -> Iterator[None]:
     Everything it changes is put back on exit (a command run in-process, as tests do, leaves no trace)."""
     global _verbose
     saved_verbose, quieted = _verbose, {name: logging.getLogger(name) for name in QUIETED}
-    saved_levels, saved_env = {n: lg.level for n, lg in quieted.items()}, os.environ.get(RAY_DATA_LOGGING_ENV)
+    saved_levels = {n: lg.level for n, lg in quieted.items()}
+    saved_env = {name: os.environ.get(name) for name in (RAY_DATA_LOGGING_ENV, MLFLOW_QUIET_ENV)}
     _verbose = verbose
     with warnings.catch_warnings():
         if not verbose:
@@ -54,6 +59,7 @@ def console(verbose: bool) -> Iterator[None]:
             # Ray Data configures its own logger from this file on every execution: the console handler at ERROR
             # (Ray Data's log file in the session directory keeps everything).
             os.environ.setdefault(RAY_DATA_LOGGING_ENV, str(Path(__file__).with_name("ray_data_logging.yaml")))
+            os.environ.setdefault(MLFLOW_QUIET_ENV, "true")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"(ray|torch|timm|torchvision)(\.|$)")
         try:
@@ -62,8 +68,9 @@ def console(verbose: bool) -> Iterator[None]:
             _verbose = saved_verbose
             for name, level in saved_levels.items():
                 quieted[name].setLevel(level)
-            if saved_env is None:
-                os.environ.pop(RAY_DATA_LOGGING_ENV, None)
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
 
 
 def forward_worker_output() -> bool:
