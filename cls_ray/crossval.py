@@ -183,17 +183,21 @@ def write_fold_datasets(data_uri: str, manifest: dict[str, Any], folds: int, see
 
 
 def fold_config(meta: dict[str, Any], overrides: list[str], runs_uri: str, fold: int, folds_id: str = "") -> Config:
-    """The audited model's recorded training config for fold ``fold``: Parquet input, ``overrides`` (dotted
-    ``key=value``, checked like ``--set``) applied, the run at ``runs_uri/fold-I-DIGEST`` (DIGEST: of the config and
-    ``folds_id``, which names the folds, so a changed config or a re-made split trains a new run instead of resuming
-    one trained otherwise)."""
+    """The audited model's recorded training config for fold ``fold``: Parquet input, no tracking, ``overrides``
+    (dotted ``key=value``, checked like ``--set``) applied, the run at ``runs_uri/fold-I-DIGEST`` (DIGEST: of the
+    config and ``folds_id``, which names the folds, so a changed config or a re-made split trains a new run instead of
+    resuming one trained otherwise)."""
     recorded = meta.get("train_config") or {}
     if not recorded:
         raise CrossValidationError(
             f"model {meta.get('name')} records no training config (train_config): cross-validation retrains it"
         )
+    recorded = json.loads(json.dumps(recorded))
+    # Fold runs are the audit's own, not the user's training runs: untracked, as a search's trials are, unless
+    # audit.fold_overrides asks for tracking.
+    recorded.setdefault("train", {})["tracking"] = []
     try:
-        data = apply_overrides(json.loads(json.dumps(recorded)), overrides)
+        data = apply_overrides(recorded, overrides)
     except ConfigError as exc:
         raise CrossValidationError(f"audit.fold_overrides: {exc}") from None
     data.setdefault("data", {})["format"] = "parquet"
