@@ -7,8 +7,8 @@ per epoch, and within a long epoch one at most every :data:`PLAIN_INTERVAL_S`.
 
 :func:`console` is the CLI's choice of what the console shows: by default cls-ray's own lines only (Ray's
 loggers on the driver at ERROR, Ray's deprecation warnings off, worker output not forwarded: ``log_to_driver``,
-MLflow's run links not printed);
-``-v`` shows everything. Errors stay visible either way: a failed run ends in one line naming the cause.
+MLflow's run links not printed); ``-v`` shows everything. Errors stay visible either way: a failed run ends in one
+line naming the cause.
 """
 
 from __future__ import annotations
