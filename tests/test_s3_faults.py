@@ -428,7 +428,8 @@ def test_server_killed_during_training_retries_then_fails_clearly_and_a_rerun_re
     (resumed,) = {r["resumed_from"] for r in history if r["resumed_from"] is not None}
     assert resumed == registered[-1]  # the last registered (complete) checkpoint
     assert resumed >= before[-1] - 1  # at most the epoch in flight was lost
-    assert storage.exists(f"{run_uri}/package/model.json")
+    # The package, named after the dataset's class folders (no train.package_name).
+    assert storage.read_json(f"{run_uri}/package/model.json")["name"] == "digits"
     # Neither the run (config, history, checkpoints, package) nor the driver's logs carry the secret key.
     texts = {"first driver": text, "re-run driver": rerun.stdout + rerun.stderr}
     assert assert_secret_absent(uris=(run_uri,), texts=texts) > 10

@@ -1,6 +1,6 @@
-"""Training on a real Ray cluster (CPU): DDP on digits (the session's shared run), packaging and evaluation, resume
-after the driver is killed (run stored on the local S3 server), pretrained + frozen runs, and configurations refused
-before any worker starts.
+"""Training on a real Ray cluster (CPU): DDP on digits (the session's shared run), packaging and evaluation,
+pretrained + frozen runs, and configurations refused before any worker starts. (Resuming a run: after its driver is
+killed, test_tune's killed search; on S3 after a storage outage, test_s3_faults.)
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +25,6 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from cls_ray import storage
 from cls_ray.cli import main as cli_main
 from cls_ray.config import ConfigError, IngestConfig, load_config
 from cls_ray.data.ingest import ingest
@@ -180,69 +176,6 @@ def test_pretrained_file_with_frozen_backbone(ray_cluster, digits_dataset, tmp_p
     assert backbone == set(original) - head
     for name in backbone:  # weights and BatchNorm statistics: a frozen backbone gets no update
         assert torch.equal(packaged[name], original[name]), name
-
-
-def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the training driver exited ({proc.returncode}) before {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.mark.slow
-def test_rerun_after_driver_killed_resumes_at_next_epoch_on_s3(ray_cluster, digits_dataset, s3_bucket, tmp_path):
-    storage_path = f"{s3_bucket}/runs"
-    run_uri = f"{storage_path}/resume"
-    overrides = [
-        *FAST,
-        f"train.storage_path={storage_path}",
-        "train.run_name=resume",
-        "train.epochs=3",
-        "train.num_workers=1",
-    ]
-    args = [sys.executable, "-m", "cls_ray.cli", "train", "--data", digits_dataset]
-    for item in overrides:
-        args += ["--set", item]
-    log = open(tmp_path / "driver.log", "wb")
-    proc = subprocess.Popen(
-        args,
-        env={**os.environ, "RAY_ADDRESS": ray_cluster},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
-    try:
-        _wait_for(
-            lambda: storage.exists(snapshot) and b"epoch-0001" in storage.read_bytes(snapshot),
-            400,
-            "the first checkpoint",
-            proc,
-        )
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies with its run; the run's actors go with it
-        proc.wait()
-        log.close()
-    done_before = [r["epoch"] for r in _history(run_uri)]
-    assert done_before and done_before[-1] < 3, (tmp_path / "driver.log").read_text()[-3000:]
-
-    result = train(digits_dataset, load_config(None, overrides))
-    history = _history(run_uri)
-    assert [r["epoch"] for r in history] == [1, 2, 3]  # none lost, none repeated
-    resumed = {r["resumed_from"] for r in history if r["resumed_from"] is not None}
-    assert len(resumed) == 1
-    (start,) = resumed
-    assert start >= 1
-    assert all(r["resumed_from"] is None for r in history[:start])
-    assert all(r["resumed_from"] == start for r in history[start:])
-    assert result.metrics["epoch"] >= start and storage.exists(storage.join(result.package_uri, "model.json"))
-    assert result.package_uri == f"{run_uri}/package" and result.checkpoint_uri.startswith(f"{run_uri}/epoch-")
-    # Named after the dataset's class folders (no train.package_name).
-    assert json.loads(storage.read_bytes(f"{result.package_uri}/model.json"))["name"] == "train-folders0"
 
 
 def test_bad_configuration_is_refused_before_any_worker_starts(ray_cluster, digits_dataset, tmp_path):
