@@ -313,9 +313,9 @@ def test_served_onnx_backend_gives_the_torch_backends_top1_over_http(cnn, serve_
             port=serve_port,
             app_name=name,
             route_prefix=f"/{name}",
+            topology="single",  # one replica process per app: the backends differ in the model replica only
             min_replicas=1,
             max_replicas=1,
-            ingress_max_replicas=1,
             num_cpus=0.5,
             ingress_num_cpus=0.5,
             max_batch_size=8,
