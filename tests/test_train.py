@@ -41,8 +41,7 @@ FAST = FAST_TRAIN
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    # The S3 variables are set first (s3_server) so Ray's workers inherit them.
+def ray_cluster():
     ray.init(address="local", num_cpus=4, object_store_memory=400 * 1024**2, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
