@@ -1,6 +1,7 @@
-"""Training on a real Ray cluster (CPU): DDP on digits (the session's shared run), packaging and evaluation,
-pretrained + frozen runs, and configurations refused before any worker starts. (Resuming a run: after its driver is
-killed, test_tune's killed search; on S3 after a storage outage, test_s3_faults.)
+"""Training on a real Ray cluster (CPU): DDP on digits (the session's shared run), packaging and evaluation, and
+configurations refused before any worker starts. (Resuming a run: after its driver is killed, test_tune's killed
+search; on S3 after a storage outage, test_s3_faults. A frozen backbone from a weights file: test_console's terminal
+run.)
 """
 
 from __future__ import annotations
@@ -15,22 +16,18 @@ from pathlib import Path
 
 import pytest
 import ray
-import timm
 import torch
 from conftest import (
     FAST_TRAIN,
     assert_secret_absent,
-    free_port,
     write_digits_folders,
 )
-from safetensors.torch import load_file
 
 from cls_ray.cli import main as cli_main
 from cls_ray.config import ConfigError, IngestConfig, load_config
 from cls_ray.data.ingest import ingest
 from cls_ray.data.manifest import ManifestError, read_manifest
 from cls_ray.evaluate import evaluate
-from cls_ray.models import save_weights_file
 from cls_ray.train.history import read_history
 from cls_ray.train.state import read_evaluation
 from cls_ray.train.trainer import train
@@ -142,39 +139,6 @@ def test_ddp_run_learns_packages_and_evaluate_reproduces_validation(
     assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [
         (r["epoch"], pytest.approx(r["train_loss"])) for r in history
     ]
-
-
-def test_pretrained_file_with_frozen_backbone(ray_cluster, digits_dataset, tmp_path, caplog):
-    source = timm.create_model("resnet10t", num_classes=3)
-    weights = str(tmp_path / "pretrained.safetensors")
-    save_weights_file(source, weights)
-    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a tracking server that is down
-    cfg = _config(
-        tmp_path,
-        "train.run_name=frozen",
-        "train.epochs=1",
-        "train.num_workers=1",
-        f"model.pretrained={weights}",
-        "model.mode=frozen",
-        "train.tracking=[mlflow,tensorboard]",
-        f"tracking.mlflow_uri={down}",
-        "tracking.timeout_s=2",
-    )
-    with caplog.at_level("WARNING", logger="cls_ray.tracking"):
-        result = train(digits_dataset, cfg)
-    # The run goes on untracked in MLflow, said once; TensorBoard still gets its events.
-    said = [r.getMessage() for r in caplog.records if r.name == "cls_ray.tracking"]
-    assert len(said) == 1 and down in said[0] and "not tracked" in said[0], said
-    assert list((Path(result.run_uri) / "tensorboard").glob("events.out.tfevents.*.epoch000001"))
-
-    packaged = load_file(str(Path(result.package_uri) / "model.safetensors"))
-    original = load_file(weights)
-    head = {"fc.weight", "fc.bias"}
-    assert packaged["fc.weight"].shape == (10, source.num_features)
-    backbone = set(packaged) - head
-    assert backbone == set(original) - head
-    for name in backbone:  # weights and BatchNorm statistics: a frozen backbone gets no update
-        assert torch.equal(packaged[name], original[name]), name
 
 
 def test_bad_configuration_is_refused_before_any_worker_starts(ray_cluster, digits_dataset, tmp_path):
