@@ -348,6 +348,7 @@ def _guarded_callback_class() -> type:
     if made is not None:
         return made
     from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
 
     class GuardedMLflowLoggerCallback(MLflowLoggerCallback):
         failed = False
@@ -358,23 +359,50 @@ def _guarded_callback_class() -> type:
             try:
                 getattr(super(), method)(*args, **kwargs)
             except Exception as exc:
-                self.failed = True
-                logger.warning(
-                    "MLflow at %s stopped answering (%s): the search goes on untracked",
-                    self.tracking_uri,
-                    _reason(exc),
-                )
+                self._stop_tracking(exc)
+
+        def _stop_tracking(self, exc: Exception) -> None:
+            self.failed = True
+            logger.warning(
+                "MLflow at %s stopped answering (%s): the search goes on untracked", self.tracking_uri, _reason(exc)
+            )
 
         def setup(self, *args: Any, **kwargs: Any) -> None:
             self._trial_runs: dict[Any, str] = {}
             self._guard("setup", *args, **kwargs)
 
         def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs and not self.failed:
+                self._continue_earlier_run(trial)
             self._guard("log_trial_start", trial)
 
+        def _continue_earlier_run(self, trial: Any) -> None:
+            """A trial of a resumed search continues the run an earlier driver started for it (same trial name and
+            experiment URI), marked running again, instead of a second run holding only the epochs after the
+            resume."""
+            from mlflow.tracking import MlflowClient
+
+            try:
+                client = MlflowClient(tracking_uri=self.tracking_uri)
+                runs = client.search_runs(
+                    [self.mlflow_util.experiment_id], _trial_filter(str(trial), self.tags["cls_ray.experiment_uri"])
+                )
+                if runs:
+                    self._trial_runs[trial] = runs[0].info.run_id
+                    client.update_run(runs[0].info.run_id, status="RUNNING")
+            except Exception as exc:
+                self._stop_tracking(exc)
+
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-            if trial in self._trial_runs:
-                self._guard("log_trial_result", iteration, trial, result)
+            if trial not in self._trial_runs or self.failed:
+                return
+            # Ray steps by the trainable's iteration, which starts again at 1 when a trial of a resumed search
+            # continues its Train run: the epoch is the step (a resumed trial's points follow its earlier ones).
+            step = result.get("epoch") or result.get(TIMESTEPS_TOTAL) or result[TRAINING_ITERATION]
+            try:
+                self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
+            except Exception as exc:
+                self._stop_tracking(exc)
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
             if trial in self._trial_runs:
@@ -384,6 +412,12 @@ def _guarded_callback_class() -> type:
     GuardedMLflowLoggerCallback.__module__ = __name__
     globals()["GuardedMLflowLoggerCallback"] = GuardedMLflowLoggerCallback
     return GuardedMLflowLoggerCallback
+
+
+def _trial_filter(trial_name: str, experiment_uri: str) -> str:
+    """MLflow's search filter for the run of one trial of one experiment (Ray's ``trial_name`` tag and ours)."""
+    name, uri = (value.replace("'", "\\'") for value in (trial_name, experiment_uri))
+    return f"tags.trial_name = '{name}' and tags.`cls_ray.experiment_uri` = '{uri}'"
 
 
 def log_promoted_package(cfg: Any, experiment_uri: str, trial_name: str, package_uri: str) -> None:
@@ -396,12 +430,7 @@ def log_promoted_package(cfg: Any, experiment_uri: str, trial_name: str, package
     try:
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(experiment_name(cfg.tracking))
-        escaped = experiment_uri.replace("'", "\\'")
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            f"tags.trial_name = '{trial_name}' and tags.`cls_ray.experiment_uri` = '{escaped}'",
-            max_results=1,
-        )
+        runs = client.search_runs([experiment.experiment_id], _trial_filter(trial_name, experiment_uri), max_results=1)
     except Exception as exc:
         logger.warning("MLflow at %s: the promoted package is not logged (%s)", uri, _reason(exc))
         return

@@ -298,7 +298,10 @@ families:
 
 
 @pytest.mark.timeout(1800)
-def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, digits_dataset, tmp_path):
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, digits_dataset, mlflow_server, tmp_path):
+    """The search's driver is killed once a trial finished and another is between epochs; the same search run again
+    keeps the finished trials as they are, continues the interrupted one from its last checkpoint, and runs the rest.
+    MLflow keeps one run per trial: the interrupted trial's run continues (all its epochs, then finished)."""
     space = _resume_space(tmp_path)
     overrides = FAST + [
         f"tune.storage_path={tmp_path}",
@@ -309,6 +312,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, di
         "tune.seed=3",
         "tune.evaluate_test=false",
         "train.num_workers=1",
+        "tune.tracking=[mlflow]",
+        f"tracking.mlflow_uri={mlflow_server.uri}",
+        "tracking.experiment=resumable",
     ]
     argv = [sys.executable, "-m", "cls_ray.cli", "tune", "--data", digits_dataset, "--space", str(space)]
     argv += [arg for item in overrides for arg in ("--set", item)]
@@ -350,3 +356,13 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_cluster, di
         assert _results(exp / name)[: len(partial)] == partial
     assert any(row["status"] == ERRORED for row in board.values()), "the space yields an impossible combination"
     assert result.best_trial in board and board[result.best_trial]["status"] == COMPLETED
+    runs: dict[str, list[dict]] = {}
+    for run in mlflow_server.runs("resumable"):
+        runs.setdefault({t["key"]: t["value"] for t in run["data"]["tags"]}["trial_name"], []).append(run)
+    assert set(runs) == set(board), runs.keys()
+    for name, row in board.items():
+        (run,) = runs[name]  # one run per trial, the interrupted one's included
+        assert run["info"]["status"] == ("FAILED" if row["status"] == ERRORED else "FINISHED"), (name, run["info"])
+        if row["status"] == COMPLETED:
+            points = mlflow_server.metric_history(run["info"]["run_id"], "val_top1")
+            assert [int(m["step"]) for m in points] == [1, 2, 3], (name, points)
