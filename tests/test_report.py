@@ -146,9 +146,13 @@ def _check_page(html: Path, screenshot: Path) -> dict:
     return seen
 
 
-def test_report_of_the_trained_model(ray_instance, trained_package, tmp_path):
+def test_report_of_the_trained_model(ray_instance, trained_package, s3_server, s3_bucket, tmp_path):
     """On the session's trained package: clean numbers equal evaluate's, severity 0 equals clean, every section
-    renders in Chromium, report.json holds the numbers, the package gains its model card."""
+    renders in Chromium, report.json holds the numbers, the package gains its model card. A second, quicker report
+    of it goes to S3 (``--output s3://...``): the page and its numbers land in the bucket (nothing else there), the
+    robustness numbers are the same (seeded), and report.json reads back through the same storage layer."""
+    import boto3
+
     package, dataset = str(trained_package["package"]), str(trained_package["dataset"])
     out = tmp_path / "report"
     cfg = ReportConfig(severities=[0, 3], robustness_max_images=None, bootstrap_resamples=200)
@@ -188,9 +192,24 @@ def test_report_of_the_trained_model(ray_instance, trained_package, tmp_path):
     assert all(i["label_quality"] < 0.5 for i in li["items"]), li["items"]
     assert seen["f1_sorted"] == sorted(seen["f1_sorted"], reverse=True)
 
-    quick = dataclasses.replace(cfg, label_issues=0, gradcam_max_images=0, bootstrap_resamples=10)
-    again = build_report(package, dataset, "test", str(tmp_path / "again"), quick)
+    quick = dataclasses.replace(cfg, label_issues=4, gradcam_max_images=0, bootstrap_resamples=10)
+    out = f"{s3_bucket}/reports/digits"
+    again = build_report(package, dataset, "test", out, quick)
+    assert again["output_dir"] == out
     assert again["robustness"]["rows"] == report["robustness"]["rows"]  # seeded: the same numbers
+    bucket = s3_bucket.removeprefix("s3://")
+    listed = boto3.client("s3", endpoint_url=s3_server.endpoint).list_objects_v2(Bucket=bucket)
+    assert sorted(o["Key"] for o in listed["Contents"]) == [
+        f"reports/digits/{REPORT_HTML}",
+        f"reports/digits/{REPORT_JSON}",
+    ]
+    written = json.loads(storage.read_bytes(storage.join(out, REPORT_JSON)))
+    assert written["metrics"] == again["metrics"] and written["robustness"]["rows"] == report["robustness"]["rows"]
+    assert assert_secret_absent(uris=(out,)) == 2
+    page = storage.read_bytes(storage.join(out, REPORT_HTML)).decode()
+    assert (
+        page.startswith("<!DOCTYPE html>") and f"<td class='l'>top1</td><td>{again['metrics']['top1']:.4f}</td>" in page
+    )
 
 
 def test_noise_sensitive_model_and_gradcam_localisation(ray_instance, marked, tmp_path):
@@ -367,31 +386,6 @@ def test_audit_finds_flipped_labels(ray_instance, trained_package, tmp_path):
     with pytest.raises(AuditError, match=r"no-val has no images in split\(s\) val \(audit.splits; the dataset has"):
         audit(str(trained_package["package"]), str(no_val), str(tmp_path / "x"), AuditConfig(splits=["val", "test"]))
     assert not (tmp_path / "x").exists()
-
-
-def test_report_written_to_s3(ray_instance, trained_package, s3_server, s3_bucket):
-    """``--output s3://...``: the page and its numbers land in the bucket (nothing else there), and report.json
-    reads back through the same storage layer with the numbers the call returned."""
-    import boto3
-
-    out = f"{s3_bucket}/reports/digits"
-    cfg = ReportConfig(corruptions=[], gradcam_max_images=0, bootstrap_resamples=50, label_issues=4)
-    report = build_report(str(trained_package["package"]), str(trained_package["dataset"]), "test", out, cfg)
-    assert report["output_dir"] == out
-    bucket = s3_bucket.removeprefix("s3://")
-    listed = boto3.client("s3", endpoint_url=s3_server.endpoint).list_objects_v2(Bucket=bucket)
-    assert sorted(o["Key"] for o in listed["Contents"]) == [
-        f"reports/digits/{REPORT_HTML}",
-        f"reports/digits/{REPORT_JSON}",
-    ]
-    written = json.loads(storage.read_bytes(storage.join(out, REPORT_JSON)))
-    assert written["metrics"] == report["metrics"] and written["robustness"]["rows"] == []
-    assert assert_secret_absent(uris=(out,)) == 2
-    page = storage.read_bytes(storage.join(out, REPORT_HTML)).decode()
-    assert (
-        page.startswith("<!DOCTYPE html>")
-        and f"<td class='l'>top1</td><td>{report['metrics']['top1']:.4f}</td>" in page
-    )
 
 
 def test_audit_cross_validates_the_training_split(ray_instance, trained_package, tmp_path, capsys):
