@@ -145,7 +145,7 @@ def test_search_on_s3_stops_trials_early_and_promotes_the_best(
             f"tune.space={space}",
             f"tune.storage_path={root}",
             "tune.experiment_name=search",
-            "tune.num_samples=3",
+            "tune.num_samples=2",
             "tune.max_epochs=2",  # ASHA's one rung at epoch 1: a trial stops there or completes
             "tune.grace_period=1",
             "tune.reduction_factor=2",
@@ -181,8 +181,8 @@ def test_search_on_s3_stops_trials_early_and_promotes_the_best(
     assert {"tuner.pkl", "leaderboard.csv", "leaderboard.parquet", "summary.json"} <= names, names
 
     board = pq.read_table(io.BytesIO(storage.read_bytes(f"{exp}/leaderboard.parquet"))).to_pylist()
-    assert len(board) == 3
-    assert sorted(row["trial"].split("_")[1] for row in board) == ["0001", "0002", "0003"]
+    assert len(board) == 2
+    assert sorted(row["trial"].split("_")[1] for row in board) == ["0001", "0002"]
     assert all(row["trial"].endswith(row["model.name"]) for row in board)
     statuses = {row["status"] for row in board}
     assert ERRORED not in statuses, board
@@ -201,10 +201,11 @@ def test_search_on_s3_stops_trials_early_and_promotes_the_best(
     ranked = [row["val_top1"] for row in board]
     assert ranked == sorted(ranked, reverse=True)
     # tune.each_architecture_first: trials 1 and 2 take the space's architectures in its order (seed 1's random
-    # start-up alone draws resnet10t twice), TPE proposes the third. Trial 1 always completes (alone at ASHA's rung);
-    # the scratch mobilenet of trial 2 is near chance after one epoch (0.11 measured, resnet10t 0.74), so it stops.
+    # start-up alone draws resnet10t twice; TPE's proposals after the start-up: the killed search below). Trial 1
+    # always completes (alone at ASHA's rung); the scratch mobilenet of trial 2 is near chance after one epoch (0.11
+    # measured, resnet10t 0.74), below the rung's cut, so it stops.
     by_index = sorted(board, key=lambda row: row["trial"])
-    assert [row["model.name"] for row in by_index[:2]] == ["resnet10t", "mobilenetv3_small_050"]
+    assert [row["model.name"] for row in by_index] == ["resnet10t", "mobilenetv3_small_050"]
 
     best = board[0]
     assert result.best_trial == best["trial"] and result.best_metric == pytest.approx(best["val_top1"])
