@@ -20,7 +20,7 @@ import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cls_ray import storage
@@ -353,28 +353,25 @@ def _guarded_callback_class() -> type:
     class GuardedMLflowLoggerCallback(MLflowLoggerCallback):
         failed = False
 
-        def _guard(self, method: str, *args: Any, **kwargs: Any) -> None:
+        def _guard(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
             if self.failed:
                 return
             try:
-                getattr(super(), method)(*args, **kwargs)
+                call(*args, **kwargs)
             except Exception as exc:
-                self._stop_tracking(exc)
-
-        def _stop_tracking(self, exc: Exception) -> None:
-            self.failed = True
-            logger.warning(
-                "MLflow at %s stopped answering (%s): the search goes on untracked", self.tracking_uri, _reason(exc)
-            )
+                self.failed = True
+                logger.warning(
+                    "MLflow at %s stopped answering (%s): the search goes on untracked", self.tracking_uri, _reason(exc)
+                )
 
         def setup(self, *args: Any, **kwargs: Any) -> None:
             self._trial_runs: dict[Any, str] = {}
-            self._guard("setup", *args, **kwargs)
+            self._guard(super().setup, *args, **kwargs)
 
         def log_trial_start(self, trial: Any) -> None:
-            if trial not in self._trial_runs and not self.failed:
-                self._continue_earlier_run(trial)
-            self._guard("log_trial_start", trial)
+            if trial not in self._trial_runs:
+                self._guard(self._continue_earlier_run, trial)
+            self._guard(super().log_trial_start, trial)
 
         def _continue_earlier_run(self, trial: Any) -> None:
             """A trial of a resumed search continues the run an earlier driver started for it (same trial name and
@@ -382,31 +379,25 @@ def _guarded_callback_class() -> type:
             resume."""
             from mlflow.tracking import MlflowClient
 
-            try:
-                client = MlflowClient(tracking_uri=self.tracking_uri)
-                runs = client.search_runs(
-                    [self.mlflow_util.experiment_id], _trial_filter(str(trial), self.tags["cls_ray.experiment_uri"])
-                )
-                if runs:
-                    self._trial_runs[trial] = runs[0].info.run_id
-                    client.update_run(runs[0].info.run_id, status="RUNNING")
-            except Exception as exc:
-                self._stop_tracking(exc)
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            runs = client.search_runs(
+                [self.mlflow_util.experiment_id], _trial_filter(str(trial), self.tags["cls_ray.experiment_uri"])
+            )
+            if runs:
+                self._trial_runs[trial] = runs[0].info.run_id
+                client.update_run(runs[0].info.run_id, status="RUNNING")
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-            if trial not in self._trial_runs or self.failed:
+            if trial not in self._trial_runs:
                 return
             # Ray steps by the trainable's iteration, which starts again at 1 when a trial of a resumed search
             # continues its Train run: the epoch is the step (a resumed trial's points follow its earlier ones).
             step = result.get("epoch") or result.get(TIMESTEPS_TOTAL) or result[TRAINING_ITERATION]
-            try:
-                self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
-            except Exception as exc:
-                self._stop_tracking(exc)
+            self._guard(self.mlflow_util.log_metrics, run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
             if trial in self._trial_runs:
-                self._guard("log_trial_end", trial, failed)
+                self._guard(super().log_trial_end, trial, failed)
 
     GuardedMLflowLoggerCallback.__qualname__ = GuardedMLflowLoggerCallback.__name__  # pickled by reference
     GuardedMLflowLoggerCallback.__module__ = __name__
