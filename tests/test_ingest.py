@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -272,7 +273,7 @@ def test_crashed_or_hung_worker_refuses_only_that_file(small_digits, files_per_t
 def test_kept_jpegs_are_checked_by_their_luma_plane_as_strictly_as_by_a_full_decode(tmp_path):
     """Every JPEG among Pillow's test images (truncated, corrupt, odd markers, EXIF, CMYK, grayscale, MPO), through
     the pool both ways: the luma-only decode of files kept as they are refuses exactly what a full RGB decode
-    refuses, records the same facts, and gives the same perceptual hash (tiny images aside)."""
+    refuses, records the same facts, and gives nearly the same perceptual hash (tiny and blank images aside)."""
     jpegs = sorted(str(p) for p in PILLOW_IMAGES.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".mpo"))
     assert len(jpegs) > 50
     luma = dict(validate_files(jpegs, EncodeOptions(10**8, 4096, 90, phash=True), 2, timeout_s=60.0))
@@ -284,9 +285,12 @@ def test_kept_jpegs_are_checked_by_their_luma_plane_as_strictly_as_by_a_full_dec
         if "reason" in a:
             continue
         assert {k: v for k, v in a.items() if k != "phash"} == {k: v for k, v in b.items() if k != "phash"}, uri
-        if a["encoding"] == "original" and min(a["width"], a["height"]) >= 32:
+        with Image.open(uri) as image:
+            blank = np.asarray(image.convert("L")).std() < 16  # an almost constant image's hash is noise
+        if a["encoding"] == "original" and min(a["width"], a["height"]) >= 32 and not blank:
+            # libjpeg's DCT-scaled luma against a box reduction of the full decode, by the same power of two
             distance = sum(bin(x ^ y).count("1") for x, y in zip(a["phash"], b["phash"], strict=True))
-            assert distance <= 4, (uri, distance)
+            assert distance <= 8, (uri, distance)
             compared += 1
     assert compared >= 20 and sum("reason" in r for r in luma.values()) >= 2  # both kinds really seen
 
@@ -295,6 +299,7 @@ def test_kept_jpegs_are_checked_by_their_luma_plane_as_strictly_as_by_a_full_dec
     data = (PILLOW_IMAGES / "flower.jpg").read_bytes()
     checked = inspect_image(data, 10**8, keep_jpeg_side=4096)
     assert checked.luma_only and checked.image.mode == "L" and checked.size == (480, 360)
+    assert checked.image.size == (120, 90)  # DCT-scaled by 1/4: the smallest scale with a short side >= 64 px
     assert not inspect_image(data, 10**8, keep_jpeg_side=400).luma_only  # too large to keep: fully decoded
     assert not inspect_image(data, 10**8).luma_only
 

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+LUMA_MIN_SIDE = 64
+"""A JPEG kept as it is is validated at the smallest DCT scale (1, 1/2, 1/4 or 1/8) whose short side is at least
+this many pixels: the perceptual hash's working size (``near_duplicates.SIDE``)."""
+
 
 class ImageDecodeError(ValueError):
     """An image was refused; ``reason`` is a short machine-friendly tag, the message says why."""
@@ -73,14 +77,15 @@ def inspect_image(data: bytes, max_pixels: int, keep_jpeg_side: int | None = Non
 
     With ``keep_jpeg_side``, a JPEG whose bytes can be stored as they are (RGB or grayscale, no EXIF rotation, no
     side above ``keep_jpeg_side``: ingest keeps such files unchanged) is decoded by libjpeg to its luma plane only
-    (``luma_only``). libjpeg still entropy-decodes every coefficient of every component, so a truncated or corrupt
-    stream fails exactly as in a full decode; only the chroma planes' inverse DCT, upsampling and colour conversion,
-    which cannot fail, are skipped, and no RGB copies are made. That decode is what ingest validates such a file
-    with, and it is the grayscale image a perceptual hash reads (the same one, to a rounding, as Pillow's
-    ``convert("L")`` of the RGB decode: libjpeg's luma and Pillow's grayscale use the same ITU-R 601 weights).
-    A DCT-scaled decode (``Image.draft`` with a size) would save another quarter of the decode but low-passes
-    differently from the hash's box filter: measured, it moved the hash of the same JPEG by a median 12 and up to
-    38 of 256 bits, against 0 bits (99th percentile) for this full-size luma decode.
+    (``luma_only``), DCT-scaled (``Image.draft``) to the smallest of 1, 1/2, 1/4 and 1/8 of its size whose short side
+    is still at least :data:`LUMA_MIN_SIDE`. libjpeg still entropy-decodes every coefficient of every component (a
+    scaled inverse DCT reads fewer of them, but the Huffman stream must be parsed whole to reach the next block),
+    so a truncated or corrupt stream fails exactly as in a full decode; only the chroma planes, the full-size
+    inverse DCT, upsampling and colour conversion, which cannot fail, are skipped, and no RGB copies are made. That
+    decode is what ingest validates such a file with, and it is the grayscale image a perceptual hash reads: the
+    hash reduces every other image by the same powers of two (``near_duplicates.thumbnail``), so a PNG copy of a
+    JPEG, or a copy at twice or half its size, lands on the same grid (docs/design.md, "Near-duplicates", has the
+    measured distances).
 
     Raises:
         ImageDecodeError: empty data, not an image, truncated/corrupt, too many pixels, or a decoder failure.
@@ -132,7 +137,7 @@ def _decode(data: bytes, max_pixels: int, keep_jpeg_side: int | None) -> Decoded
         and img.getexif().get(0x0112, 1) in (None, 0, 1)
     ):
         source_mode = img.mode
-        img.draft("L", None)  # libjpeg's output colour space: grayscale, i.e. the luma plane
+        img.draft("L", (LUMA_MIN_SIDE, LUMA_MIN_SIDE))  # libjpeg's output: the luma plane, DCT-scaled
         img.load()
         return DecodedImage(img, fmt, source_mode, 1, False, False, (width, height), luma_only=True)
     n_frames = int(getattr(img, "n_frames", 1) or 1)

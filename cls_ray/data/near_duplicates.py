@@ -1,15 +1,19 @@
 """Near-duplicate images: perceptual hashes taken during validation, matched without comparing every pair.
 
 **Hash.** A 256-bit pHash: the image in grayscale, box-filtered to 64x64, the 16x16 low-frequency block of its 2-D
-DCT-II, each coefficient compared with the block's median. That is imagehash's ``phash(hash_size=16)`` bit for bit
-on the same 64x64 image (tested), computed here with two small matrix products instead of imagehash's Lanczos
-resize and two full scipy DCTs: 0.10-0.15 ms instead of 0.8 ms per 224 px image, against a 0.16-0.20 ms luma
-decode (docs/benchmarks.md, "Ingest", has the whole-ingest cost). It runs in the validation worker on the image it
-has just decoded (for a JPEG kept as it is, the luma plane validation decodes), so there is no second decode.
+DCT-II, each coefficient compared with the block's median: imagehash's ``phash(hash_size=16)`` steps, and its
+result bit for bit on a 64 px image (tested). The box filter is exact (each of the 64x64 pixels is the mean of the
+span of input it covers, fractions of a pixel included, in floating point) and follows a power-of-two reduction of
+the short side to 64-127 px, which for a JPEG kept as it is is libjpeg's DCT-scaled decode of its luma plane, the
+decode validation makes anyway (``images.inspect_image``): no second decode. On that fixed grid a copy at another
+size lands where the original does (docs/design.md, "Near-duplicates", has the measured distances). Box filter and
+DCT are one small matrix per axis, applied to a validation task's same-sized images together: about 0.04 ms per
+224 px JPEG on top of validation, against 0.8 ms for imagehash's own ``phash`` (a Lanczos resize, full scipy
+DCTs); docs/benchmarks.md, "Ingest", has the whole-ingest cost.
 256 bits rather than imagehash's default 64 because on Fashion-MNIST the 64-bit hash puts 18% of images within 6
 bits of a *different* image, inside the range where re-encoded copies land, while at 256 bits resized, re-encoded
-and colour-shifted copies separate from distinct images (docs/design.md, "Near-duplicates", has the measured
-distances). Crops move the hash too far to be caught: a perceptual hash is not crop-invariant.
+and colour-shifted copies separate from distinct images. Crops move the hash too far to be caught: a perceptual
+hash is not crop-invariant.
 
 **Matching.** Up to 100,000 hashes, faiss' SIMD brute force (``IndexBinaryFlat.range_search``); above, faiss'
 ``IndexBinaryMultiHash`` (multi-index hashing): the 256 bits are cut into ``m`` disjoint chunks, each indexed in a
@@ -21,6 +25,8 @@ become clusters through their connected components (scipy).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +35,7 @@ from PIL import Image
 HASH_SIZE = 16
 HASH_BITS = HASH_SIZE * HASH_SIZE
 HASH_BYTES = HASH_BITS // 8
-DESCRIPTION = "pHash, 256 bits (imagehash.phash hash_size=16 on a 64x64 box-filtered grayscale image)"
+DESCRIPTION = "pHash, 256 bits (imagehash.phash hash_size=16 steps on a 64x64 exact box filter of the grayscale image)"
 
 
 SIDE = 64
@@ -37,23 +43,56 @@ SIDE = 64
 _DCT = 2.0 * np.cos(np.pi * np.arange(HASH_SIZE)[:, None] * (2 * np.arange(SIDE)[None, :] + 1) / (2 * SIDE))
 
 
-def perceptual_hash(image: Image.Image) -> bytes:
-    """The 32-byte pHash of a decoded image (see the module docstring)."""
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """The hash's input: ``image`` in grayscale, reduced by the largest power of two that keeps its short side at
+    ``SIDE`` pixels or more (a uint8 array; :func:`hashes` box-filters it to ``SIDE`` x ``SIDE``)."""
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")  # palette, CMYK, 16-bit, alpha: as Pillow's own grayscale conversion sees them
-    # Grayscale first, then an integer box reduction (the same filter, fewer pixels to resample) on one channel
-    # rather than three: 0.16 ms at 224 px against 0.2 ms reducing the RGB image first.
+    # Grayscale first (one channel to reduce, not three). Powers of two are the scales libjpeg decodes a kept JPEG
+    # at (images.inspect_image), so a JPEG and its PNG copy, or copies at twice or half the size, reach the box
+    # filter on the same grid.
     gray = image.convert("L") if image.mode != "L" else image
     factor = min(gray.size) // SIDE
     if factor >= 2:
-        gray = gray.reduce(factor)
-    if gray.size != (SIDE, SIDE):
-        gray = gray.resize((SIDE, SIDE), Image.Resampling.BOX)
-    low = _DCT @ np.asarray(gray, dtype=np.float64) @ _DCT.T
-    # np.median's own value (the mean of the two middle values), without its ~40 us of Python-level overhead
-    middle = np.partition(low.ravel(), (HASH_BITS // 2 - 1, HASH_BITS // 2))
-    median = (middle[HASH_BITS // 2 - 1] + middle[HASH_BITS // 2]) / 2
-    return np.packbits(low > median).tobytes()
+        gray = gray.reduce(1 << (factor.bit_length() - 1))
+    return np.asarray(gray)
+
+
+@functools.lru_cache(maxsize=256)
+def _projection(n: int) -> np.ndarray:
+    """``(HASH_SIZE, n)``: the box filter from ``n`` pixels to ``SIDE`` (each output pixel the exact mean of the
+    span of input it covers, fractions of a pixel included) followed by the low rows of the DCT."""
+    edges = np.arange(SIDE + 1) * (n / SIDE)
+    pixel = np.arange(n)[None, :]
+    overlap = np.minimum(edges[1:, None], pixel + 1) - np.maximum(edges[:-1, None], pixel)
+    box = np.clip(overlap, 0.0, None) * (SIDE / n)
+    return (_DCT @ box).astype(np.float32)
+
+
+def hashes(thumbnails: Sequence[np.ndarray]) -> list[bytes]:
+    """The 32-byte pHashes of several :func:`thumbnail` results. Box filter and DCT are one matrix per axis (the
+    16x16 low block of the DCT of the ``SIDE`` x ``SIDE`` box-filtered image is ``P_h X P_w^T``), and same-sized
+    images go through numpy together: on images this small numpy's per-call overhead costs more than the
+    arithmetic, so a validation task hashes its files in one go (docs/benchmarks.md, "Ingest"). Each hash is the
+    one :func:`perceptual_hash` gives that image alone (numpy multiplies a stack matrix by matrix)."""
+    out = [b""] * len(thumbnails)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, pixels in enumerate(thumbnails):
+        by_shape.setdefault(pixels.shape, []).append(k)
+    for (height, width), index in by_shape.items():
+        stack = np.stack([thumbnails[k] for k in index]).astype(np.float32)
+        low = (_projection(height) @ stack @ _projection(width).T).reshape(len(index), HASH_BITS)
+        # np.median's own value (the mean of the two middle values), without its Python-level overhead
+        middle = np.partition(low, (HASH_BITS // 2 - 1, HASH_BITS // 2), axis=1)
+        median = (middle[:, HASH_BITS // 2 - 1] + middle[:, HASH_BITS // 2]) / 2
+        for k, row in zip(index, np.packbits(low > median[:, None], axis=1), strict=True):
+            out[k] = row.tobytes()
+    return out
+
+
+def perceptual_hash(image: Image.Image) -> bytes:
+    """The 32-byte pHash of a decoded image (see the module docstring)."""
+    return hashes([thumbnail(image)])[0]
 
 
 def preload() -> None:
@@ -132,8 +171,8 @@ def clusters(paths: list[str], hashes: list[bytes], threshold: int) -> tuple[lis
     i, j = find_pairs(codes, threshold)
     labels = cluster_labels(len(paths), i, j)
     members: dict[int, list[str]] = {}
-    for path, label in zip(paths, labels, strict=True):
-        members.setdefault(int(label), []).append(path)
+    for k in np.unique(np.concatenate([i, j])).tolist():  # only images in a pair are in a cluster
+        members.setdefault(int(labels[k]), []).append(paths[k])
     out = sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: m[0])
     return out, len(i)
 

@@ -23,7 +23,7 @@ import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pebble import ProcessExpired, ProcessPool
@@ -54,6 +54,9 @@ class EncodeOptions:
     jpeg_quality: int
     phash: bool = False
     """Also take the image's perceptual hash (``ingest.near_duplicates``), from the image just decoded."""
+    phash_later: bool = False
+    """With ``phash``: return the hash's input (``phash_thumbnail``, :func:`near_duplicates.thumbnail`) instead of
+    the hash, for :func:`validate_many` to hash a task's files together."""
     luma_jpeg: bool = True
     """Validate a JPEG that is kept as it is by decoding its luma plane only (``images.inspect_image``'s
     ``keep_jpeg_side``); off, every file is fully decoded to RGB (the tests compare the two)."""
@@ -158,9 +161,13 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
     width, height = Image.open(io.BytesIO(image)).size if resized else decoded.size
     extra = {}
     if opts.phash:
-        from cls_ray.data.near_duplicates import perceptual_hash
+        from cls_ray.data import near_duplicates
 
-        extra["phash"] = perceptual_hash(decoded.image)
+        thumbnail = near_duplicates.thumbnail(decoded.image)
+        if opts.phash_later:
+            extra["phash_thumbnail"] = thumbnail
+        else:
+            extra["phash"] = near_duplicates.hashes([thumbnail])[0]
     return {
         **extra,
         "sha256": digest,
@@ -193,7 +200,16 @@ def validate_many(
     """One pool task: ``validate`` over a few files, in a worker process. Returns the results and the seconds
     taken per file."""
     start = time.perf_counter()
-    results = [validate(uri, opts) for uri in uris]
+    if not opts.phash:
+        results = [validate(uri, opts) for uri in uris]
+        return results, (time.perf_counter() - start) / len(uris)
+    from cls_ray.data import near_duplicates
+
+    later = replace(opts, phash_later=True)  # the task's files are hashed together, below
+    results = [validate(uri, later) for uri in uris]
+    hashed = [r for r in results if "phash_thumbnail" in r]
+    for r, phash in zip(hashed, near_duplicates.hashes([r.pop("phash_thumbnail") for r in hashed]), strict=True):
+        r["phash"] = phash
     return results, (time.perf_counter() - start) / len(uris)
 
 
