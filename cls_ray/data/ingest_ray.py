@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 WORK_DIR = "_work"
 """Under DEST: chunk results of an unfinished ingest (removed once the manifest is written)."""
-CHUNK_FORMAT = 1
-"""Part of every chunk's digest: a change to what a chunk records makes earlier chunk results stale."""
+CHUNK_FORMAT = 2
+"""Part of every chunk's digest: a change to what a chunk records makes earlier chunk results stale (2: the
+perceptual hash on the power-of-two grid, ``near_duplicates.thumbnail``)."""
 AUTO_MIN_FILES = 20_000
 """``engine=auto`` takes the cluster for at least this many files (below, the pool's start-up is cheaper)."""
 READ_THREADS = 16
