@@ -7,7 +7,7 @@ span of input it covers, fractions of a pixel included, in floating point) and f
 the short side to 64-127 px, which for a JPEG kept as it is is libjpeg's DCT-scaled decode of its luma plane, the
 decode validation makes anyway (``images.inspect_image``): no second decode. On that fixed grid a copy at another
 size lands where the original does (docs/design.md, "Near-duplicates", has the measured distances). Box filter and
-DCT are one small matrix per axis, applied to a validation task's same-sized images together: about 0.04 ms per
+DCT are one small matrix per axis, applied to a validation task's same-sized images together: about 0.03 ms per
 224 px JPEG on top of validation, against 0.8 ms for imagehash's own ``phash`` (a Lanczos resize, full scipy
 DCTs); docs/benchmarks.md, "Ingest", has the whole-ingest cost.
 256 bits rather than imagehash's default 64 because on Fashion-MNIST the 64-bit hash puts 18% of images within 6
@@ -189,18 +189,18 @@ def cluster_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return labels
 
 
-def clusters(paths: list[str], hashes: list[bytes], threshold: int) -> tuple[list[list[str]], int]:
+def clusters(paths: list[str], phashes: list[bytes], threshold: int) -> tuple[list[list[str]], int]:
     """Clusters (two or more paths, each sorted; clusters sorted by first path) of near-duplicate ``paths`` and the
     number of pairs found."""
     if not paths:
         return [], 0
-    codes = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(paths), HASH_BYTES)
+    codes = np.frombuffer(b"".join(phashes), dtype=np.uint8).reshape(len(paths), HASH_BYTES)
     i, j = find_pairs(codes, threshold)
     labels = cluster_labels(len(paths), i, j)
     members: dict[int, list[str]] = {}
     for k in np.unique(np.concatenate([i, j])).tolist():  # only images in a pair are in a cluster
         members.setdefault(int(labels[k]), []).append(paths[k])
-    out = sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: m[0])
+    out = sorted((sorted(m) for m in members.values()), key=lambda m: m[0])
     return out, len(i)
 
 

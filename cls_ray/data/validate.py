@@ -163,11 +163,10 @@ def validate_file(uri: str, opts: EncodeOptions) -> dict[str, Any]:
     if opts.phash:
         from cls_ray.data import near_duplicates
 
-        thumbnail = near_duplicates.thumbnail(decoded.image)
         if opts.phash_later:
-            extra["phash_thumbnail"] = thumbnail
+            extra["phash_thumbnail"] = near_duplicates.thumbnail(decoded.image)
         else:
-            extra["phash"] = near_duplicates.hashes([thumbnail])[0]
+            extra["phash"] = near_duplicates.perceptual_hash(decoded.image)
     return {
         **extra,
         "sha256": digest,
@@ -200,16 +199,16 @@ def validate_many(
     """One pool task: ``validate`` over a few files, in a worker process. Returns the results and the seconds
     taken per file."""
     start = time.perf_counter()
-    if not opts.phash:
-        results = [validate(uri, opts) for uri in uris]
-        return results, (time.perf_counter() - start) / len(uris)
-    from cls_ray.data import near_duplicates
-
-    later = replace(opts, phash_later=True)  # the task's files are hashed together, below
-    results = [validate(uri, later) for uri in uris]
+    if opts.phash:
+        opts = replace(opts, phash_later=True)  # the task's files are hashed together, below
+    results = [validate(uri, opts) for uri in uris]
     hashed = [r for r in results if "phash_thumbnail" in r]
-    for r, phash in zip(hashed, near_duplicates.hashes([r.pop("phash_thumbnail") for r in hashed]), strict=True):
-        r["phash"] = phash
+    if hashed:
+        from cls_ray.data import near_duplicates
+
+        phashes = near_duplicates.hashes([r.pop("phash_thumbnail") for r in hashed])
+        for r, phash in zip(hashed, phashes, strict=True):
+            r["phash"] = phash
     return results, (time.perf_counter() - start) / len(uris)
 
 
